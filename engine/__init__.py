@@ -1,0 +1,1 @@
+"""Training engine: wires models and parallel heads, owns data, checkpoints, metrics and evaluation."""
