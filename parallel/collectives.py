@@ -1,0 +1,88 @@
+"""Autograd collectives, each paired with its exact adjoint. The group is always explicit; with one
+rank (or group None) every function returns its input. Buffers are allocated on the input's device."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from parallel.groups import group_size
+
+
+def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """(B, ...) on every rank -> (W*B, ...) in rank order. No autograd. B must match across ranks."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out
+
+
+def reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
+    """(W*B, ...) on every rank -> sum over ranks of this rank's (B, ...) slice. No autograd."""
+    world = group_size(group)
+    if world == 1:
+        return x
+    x = x.contiguous()
+    out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    return out
+
+
+def all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce (no autograd); returns x."""
+    if group_size(group) > 1:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+class _GatherBatch(torch.autograd.Function):
+    """Forward: all-gather along the batch. Backward: reduce-scatter (sum) back to each rank's rows,
+    times `grad_scale`."""
+
+    @staticmethod
+    def forward(ctx, x, group, grad_scale):
+        ctx.group = group
+        ctx.grad_scale = grad_scale
+        out = all_gather_rows(x, group)
+        return out.view_as(out) if out is x else out
+
+    @staticmethod
+    def backward(ctx, grad_global):
+        grad_local = reduce_scatter_rows(grad_global, ctx.group)
+        if ctx.grad_scale != 1.0:
+            grad_local = grad_local * ctx.grad_scale
+        return grad_local, None, None
+
+
+def gather_batch(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Tensor:
+    """x (B, D) -> x_global (W*B, D) with gradient flowing back to each rank's own rows.
+
+    `grad_scale` multiplies the returned gradient: pass the data-parallel world size when the
+    backbone's gradients are later averaged over ranks, so the average equals the gradient of the
+    whole global batch on one process.
+    """
+    if group_size(group) == 1 and grad_scale == 1.0:
+        return x
+    return _GatherBatch.apply(x, group, grad_scale)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Forward: sum over ranks. Backward: the sum of the incoming gradients over ranks (the loss of
+    every rank depends on every rank's input)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_reduce_(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.clone(), ctx.group), None
+
+
+def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    return _AllReduceSum.apply(x, group)

@@ -1,0 +1,157 @@
+"""Heads over the parametric center bank: `full` (every local row) and `partial` (Partial FC)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from parallel.bank import DTYPES, CenterBank
+from parallel.collectives import all_gather_rows, gather_batch
+from parallel.groups import ParallelState
+from parallel.heads.base import Head, HeadOutput
+from parallel.heads.config import HeadConfig
+from parallel.heads.sampling import ActiveSet, all_rows, sample_rows
+from parallel.margins import Margin
+from parallel.sharding import ClassShard
+from parallel.softmax import margin_softmax_loss
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, rank: int) -> None:
+    """Raises ValueError naming the first label outside [0, num_classes) and its position."""
+    bad = (labels < 0) | (labels >= num_classes)
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"label {int(labels[pos])} at position {pos} of rank {rank}'s batch is outside "
+                         f"[0, {num_classes})")
+
+
+class ParametricHead(Head):
+    """Rows of a CenterBank sharded by class; a subclass decides which rows are active."""
+
+    def __init__(self, cfg: HeadConfig, state: ParallelState, num_classes: int, embedding_size: int):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.state = state
+        self.num_classes = num_classes
+        self.embedding_size = embedding_size
+        self.group = state.head_group
+        self.shard = ClassShard(num_classes, state.head_world, state.head_rank)
+        if self.shard.count == 0:
+            raise ValueError(f"{num_classes} classes cannot be split over {state.head_world} ranks: "
+                             f"rank {state.head_rank} would own none")
+        self.bank = CenterBank(self.shard, embedding_size, init_std=cfg.init_std, seed=cfg.seed,
+                               dtype=DTYPES[cfg.storage_dtype], device=state.device)
+        self.margin = Margin.from_config(cfg.margin)
+        self.compute_dtype = DTYPES[cfg.compute_dtype]
+        # per-rank stream: negatives differ across ranks and are reproducible from the seed
+        self.generator = torch.Generator(device=state.device).manual_seed(
+            (cfg.seed * 1_000_003 + 7919 * (state.head_rank + 1)) % (1 << 63))
+        self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+
+    # -- the strategy ------------------------------------------------------------------------
+    def select(self, labels_global: torch.Tensor) -> ActiveSet:
+        raise NotImplementedError
+
+    # -- the step ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
+        if x.dim() != 2 or x.shape[1] != self.embedding_size:
+            raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(x.shape)}")
+        if labels.shape != (x.shape[0],):
+            raise ValueError(f"labels must be ({x.shape[0]},), got {tuple(labels.shape)}")
+        labels = labels.to(device=x.device, dtype=torch.long)
+        check_labels(labels, self.num_classes, self.state.rank)
+        x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
+        labels_global = all_gather_rows(labels, self.group)                                 # (Bg,)
+        active = self.select(labels_global)
+        centers = self.bank.rows(active.rows).to(torch.float64 if self.compute_dtype == torch.float64
+                                                 else torch.float32).requires_grad_(True)   # (A, D)
+        stats: dict = {}
+        loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
+                                   chunk_size=self.cfg.chunk_size, compute_dtype=self.compute_dtype,
+                                   stats=stats)
+        self._pending.append((active.rows, centers))
+        self.last_active = active
+        return HeadOutput(loss, {"active_classes": torch.tensor(float(active.num_active))})
+
+    def pending_grads(self) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
+        """(rows, grad) of every forward since the last step (for clipping and accumulation)."""
+        out = []
+        for rows, centers in self._pending:
+            if centers.grad is None:
+                raise RuntimeError("head.step() before backward: the active centers have no gradient")
+            out.append((rows, centers.grad))
+        return out
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """This rank's squared L2 norm of the accumulated head gradient (sum over ranks for the global)."""
+        rows, grad = self._merged()
+        return grad.float().pow(2).sum() if grad is not None else torch.zeros(())
+
+    def _merged(self):
+        grads = self.pending_grads()
+        if not grads:
+            return None, None
+        if len(grads) == 1:
+            return grads[0]
+        if all(r is None for r, _ in grads):
+            return None, torch.stack([g for _, g in grads]).sum(0)
+        full = torch.arange(self.shard.count, device=self.bank.weight.device)
+        rows = torch.cat([full if r is None else r for r, _ in grads])
+        unique_rows, inverse = torch.unique(rows, return_inverse=True)
+        merged = torch.zeros(unique_rows.numel(), self.embedding_size, dtype=grads[0][1].dtype,
+                             device=rows.device)
+        merged.index_add_(0, inverse, torch.cat([g for _, g in grads]))
+        return unique_rows, merged
+
+    @torch.no_grad()
+    def step(self, lr: float, grad_scale: float = 1.0) -> None:
+        rows, grad = self._merged()
+        self._pending.clear()
+        if grad is None:
+            return
+        if grad_scale != 1.0:
+            grad = grad * grad_scale
+        opt = self.cfg.optimizer
+        self.bank.sgd_step(rows, grad, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
+                           update=opt.update)
+
+    def skip_step(self) -> None:
+        self._pending.clear()
+
+    def sharded_state(self) -> dict:
+        return {"class_start": self.shard.start, "class_count": self.shard.count,
+                "weight": self.bank.weight, "momentum": self.bank.momentum,
+                "generator": self.generator.get_state()}
+
+    def load_sharded_state(self, state: dict) -> None:
+        if (state["class_start"], state["class_count"]) != (self.shard.start, self.shard.count):
+            raise ValueError(f"head state holds classes [{state['class_start']}, "
+                             f"{state['class_start'] + state['class_count']}) but this rank owns "
+                             f"[{self.shard.start}, {self.shard.stop})")
+        self.bank.weight.copy_(state["weight"])
+        self.bank.momentum.copy_(state["momentum"])
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
+
+class FullHead(ParametricHead):
+    """Model-parallel full FC: every local row is active each step."""
+
+    name = "full"
+
+    def select(self, labels_global):
+        return all_rows(labels_global, self.shard)
+
+
+class PartialHead(ParametricHead):
+    """Partial FC: positives plus uniform random negatives up to floor(rho * C_r)."""
+
+    name = "partial"
+
+    @property
+    def num_sample(self) -> int:
+        return int(math.floor(self.cfg.sample_rate * self.shard.count))
+
+    def select(self, labels_global):
+        return sample_rows(labels_global, self.shard, self.num_sample, self.generator)

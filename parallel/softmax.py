@@ -1,0 +1,239 @@
+"""The distributed margin-softmax cross-entropy, fused and chunked.
+
+Every rank holds the gathered embeddings `x_global (Bg, D)` and its own active centers
+`centers (A, D)`; the classes of all ranks together form the softmax. Per rank, in class chunks:
+
+    pass 1  cos = normalize(x) . normalize(centers[chunk])^T, margin on target entries, running
+            row max and sum-exp (online softmax)
+    reduce  row max (all-reduce MAX), sum-exp (all-reduce SUM), target logit (all-reduce SUM)
+    pass 2  p = exp(logit - max) / sum; d logit = (p - onehot) / N_valid, accumulated into
+            d x_global and d centers chunk by chunk
+
+so the (Bg, A) logit matrix never exists at once. Communication is O(Bg), independent of C.
+The gradients are computed during the forward call (the loss is a scalar: backward only scales
+them); `x_global`'s gradient is this rank's partial sum, which the gather's backward reduce-scatters.
+
+Column conventions (all optional beyond the first):
+- `target_col (Bg,)`: column in `centers` of each row's target on this rank, -1 where the target
+  lives elsewhere (or in `row_centers`);
+- `row_centers (Bg, D)` + `row_center_mask (Bg,)`: one extra column per row, seen only by that row,
+  holding its target (DCQ's positive key); rows with mask True take their target there;
+- `column_labels (A,)` + `row_labels (Bg,)`: entries whose column label equals the row's label are
+  excluded from the softmax unless they are the row's target (DCQ masks same-identity queue keys);
+- `valid (Bg,)`: rows that take part in the loss (identical on every rank); the loss is the mean
+  over valid rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel.collectives import all_reduce_
+from parallel.margins import Margin
+
+_NEG = -1.0e30  # finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf
+
+
+def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class SoftmaxInputs:
+    x_global: torch.Tensor
+    centers: torch.Tensor
+    target_col: torch.Tensor
+    row_centers: torch.Tensor | None = None
+    row_center_mask: torch.Tensor | None = None
+    column_labels: torch.Tensor | None = None
+    row_labels: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+
+class _FusedMarginSoftmax(torch.autograd.Function):
+    """Loss forward; the gradients are formed during forward and only scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats):
+        need_grad = any(ctx.needs_input_grad[:3])
+        loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
+                                           need_grad=need_grad, stats=stats)
+        ctx.grads = grads
+        ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        out = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None, None)
+
+
+def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_col: torch.Tensor, *,
+                        margin: Margin, group=None, chunk_size: int = 8192,
+                        compute_dtype: torch.dtype = torch.float32,
+                        row_centers: torch.Tensor | None = None, row_center_mask: torch.Tensor | None = None,
+                        column_labels: torch.Tensor | None = None, row_labels: torch.Tensor | None = None,
+                        valid: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
+    """Mean margin-softmax CE over the global batch, with all ranks' `centers` as the classes.
+
+    Differentiable with respect to `x_global`, `centers` and `row_centers`. See the module docstring.
+    `stats`, if given, receives per-row figures of the step (global target logit, log partition).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    inputs = SoftmaxInputs(x_global.detach(), centers.detach(), target_col,
+                           None if row_centers is None else row_centers.detach(), row_center_mask,
+                           column_labels, row_labels, valid)
+    if row_centers is None:
+        row_centers = x_global.new_empty(0)
+    return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
+                                     compute_dtype, stats)
+
+
+def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
+                         compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None):
+    """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
+
+    The gradients are those of the mean loss on this rank's columns (None if not need_grad).
+    """
+    x = inp.x_global
+    device = x.device
+    acc = accumulation_dtype(compute_dtype)
+    bg = x.shape[0]
+    a = inp.centers.shape[0]
+    s = float(margin.scale)
+
+    x_norm = torch.linalg.vector_norm(x.to(acc), dim=1).clamp_min(1e-12)          # (Bg,)
+    x_hat = (x.to(acc) / x_norm[:, None])                                          # (Bg, D) acc
+    x_hat_c = x_hat.to(compute_dtype)
+    c_norm_inv = 1.0 / torch.linalg.vector_norm(inp.centers.to(acc), dim=1).clamp_min(1e-12)  # (A,)
+
+    target_col = inp.target_col.to(device=device, dtype=torch.long)
+    has_target = target_col >= 0                                                   # (Bg,) on this rank
+    row_mask = (inp.row_center_mask.to(device=device, dtype=torch.bool)
+                if inp.row_center_mask is not None and inp.row_centers is not None and inp.row_centers.numel()
+                else torch.zeros(bg, dtype=torch.bool, device=device))
+    valid = (inp.valid.to(device=device, dtype=acc) if inp.valid is not None
+             else torch.ones(bg, dtype=acc, device=device))
+    exclude = inp.column_labels is not None and inp.row_labels is not None
+    tau = float(margin.interclass_filter)
+
+    row_max = torch.full((bg,), _NEG, dtype=acc, device=device)
+    row_sum = torch.zeros(bg, dtype=acc, device=device)
+    target_cos = torch.zeros(bg, dtype=acc, device=device)
+    target_logit = torch.zeros(bg, dtype=acc, device=device)
+    target_dpsi = torch.zeros(bg, dtype=acc, device=device)
+
+    # The per-row extra column (DCQ positive): a dot product per row, not a GEMM.
+    if row_mask.any():
+        rc = inp.row_centers.to(acc)
+        rc_norm_inv = 1.0 / torch.linalg.vector_norm(rc, dim=1).clamp_min(1e-12)
+        rc_hat = rc * rc_norm_inv[:, None]
+        row_raw = (x_hat_c.to(acc) * rc_hat.to(compute_dtype).to(acc)).sum(1)
+        row_cos = row_raw.clamp(-1.0, 1.0)
+        psi, dpsi = margin.target(row_cos)
+        row_logit = s * psi
+        target_cos = torch.where(row_mask, row_cos, target_cos)
+        target_logit = torch.where(row_mask, row_logit, target_logit)
+        target_dpsi = torch.where(row_mask, dpsi, target_dpsi)
+        row_max = torch.where(row_mask, row_logit, row_max)
+        row_sum = torch.where(row_mask, torch.ones_like(row_sum), row_sum)
+
+    chunks = [(lo, min(a, lo + chunk_size)) for lo in range(0, a, chunk_size)]
+    rows_all = torch.arange(bg, device=device)
+    kept = None  # logits of the last chunk of pass 1, reused as the first chunk of pass 2
+
+    def chunk_logits(lo, hi):
+        """logits (Bg, c) acc, cos_raw (Bg, c), target entries (rows, cols) and filtered mask."""
+        w_hat = (inp.centers[lo:hi].to(acc) * c_norm_inv[lo:hi][:, None]).to(compute_dtype)  # (c, D)
+        raw = (x_hat_c @ w_hat.t()).to(acc)
+        cos = raw.clamp(-1.0, 1.0)
+        in_chunk = has_target & (target_col >= lo) & (target_col < hi)
+        t_rows = rows_all[in_chunk]
+        t_cols = target_col[in_chunk] - lo
+        logits = cos * s
+        filtered = None
+        if tau > 0:
+            filtered = cos > tau
+            filtered[t_rows, t_cols] = False
+            logits = logits.masked_fill(filtered, 0.0)
+        if exclude:
+            same = inp.row_labels[:, None] == inp.column_labels[lo:hi][None, :]
+            same[t_rows, t_cols] = False
+            logits = logits.masked_fill(same, float("-inf"))
+        return logits, raw, t_rows, t_cols, filtered, w_hat
+
+    # pass 1: online max / sum-exp; target logits from the owning chunk
+    for i, (lo, hi) in enumerate(chunks):
+        logits, raw, t_rows, t_cols, filtered, w_hat = chunk_logits(lo, hi)
+        if t_rows.numel():
+            cos_t = raw[t_rows, t_cols].clamp(-1.0, 1.0)
+            psi, dpsi = margin.target(cos_t)
+            logits[t_rows, t_cols] = s * psi
+            target_cos[t_rows] = cos_t
+            target_logit[t_rows] = s * psi
+            target_dpsi[t_rows] = dpsi
+        new_max = torch.maximum(row_max, logits.max(dim=1).values)
+        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+        row_max = new_max
+        if i == len(chunks) - 1 and need_grad:
+            kept = (logits, raw, t_rows, t_cols, filtered, w_hat)
+
+    global_max = all_reduce_(row_max.clone(), group, op=dist.ReduceOp.MAX)
+    global_sum = all_reduce_(row_sum * torch.exp(row_max - global_max), group)
+    global_target = all_reduce_(target_logit.clone(), group)
+    log_z = torch.log(global_sum) + global_max
+    n_valid = valid.sum().clamp_min(1.0)
+    per_row = (log_z - global_target) * valid
+    loss = per_row.sum() / n_valid
+    if stats is not None:
+        stats["target_logit"] = global_target.detach()
+        stats["log_z"] = log_z.detach()
+    if not need_grad:
+        return loss, (None, None, None)
+
+    # pass 2: probabilities and gradients, last chunk first (its logits are still at hand)
+    inv_sum = 1.0 / global_sum
+    row_weight = valid / n_valid                                           # (Bg,)
+    grad_x_hat = torch.zeros_like(x_hat)                                   # (Bg, D) acc
+    grad_centers = torch.empty(inp.centers.shape, dtype=acc, device=device)  # (A, D)
+    for lo, hi in reversed(chunks):
+        if kept is not None:
+            logits, raw, t_rows, t_cols, filtered, w_hat = kept
+            kept = None
+        else:
+            logits, raw, t_rows, t_cols, filtered, w_hat = chunk_logits(lo, hi)
+            if t_rows.numel():
+                logits[t_rows, t_cols] = target_logit[t_rows]
+        prob = torch.exp(logits - global_max[:, None]) * inv_sum[:, None]   # (Bg, c)
+        grad_logit = prob * row_weight[:, None]
+        if t_rows.numel():
+            grad_logit[t_rows, t_cols] -= row_weight[t_rows]
+        # d logit / d cos: s on plain entries, s * dpsi on targets, 0 on filtered or clamped entries
+        grad_cos = grad_logit * s
+        if t_rows.numel():
+            grad_cos[t_rows, t_cols] *= target_dpsi[t_rows]
+        inside = (raw >= -1.0) & (raw <= 1.0)
+        if filtered is not None:
+            inside &= ~filtered
+        grad_cos = grad_cos * inside
+        g_c = grad_cos.to(compute_dtype)
+        grad_x_hat += (g_c @ w_hat).to(acc)
+        # raw_ij = x_hat_i . w_hat_j: d w_hat_j = sum_i g_ij x_hat_i, then through the normalisation
+        g_w_hat = (g_c.t() @ x_hat_c).to(acc)                               # (c, D)
+        w_hat_acc = w_hat.to(acc)
+        radial = (w_hat_acc * g_w_hat).sum(1, keepdim=True)
+        grad_centers[lo:hi] = (g_w_hat - w_hat_acc * radial) * c_norm_inv[lo:hi][:, None]
+    grad_row = None
+    if row_mask.any():
+        p_row = torch.exp(target_logit - global_max) * inv_sum
+        g_row = (p_row - 1.0) * row_weight * s * target_dpsi * row_mask
+        g_row = g_row * ((row_raw >= -1.0) & (row_raw <= 1.0))
+        grad_x_hat += g_row[:, None] * rc_hat
+        gr = g_row[:, None] * x_hat                                          # d rc_hat
+        grad_row = (gr - rc_hat * (rc_hat * gr).sum(1, keepdim=True)) * rc_norm_inv[:, None]
+    grad_x = (grad_x_hat - x_hat * (x_hat * grad_x_hat).sum(1, keepdim=True)) / x_norm[:, None]
+    return loss, (grad_x, grad_centers, grad_row)

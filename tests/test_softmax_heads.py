@@ -1,0 +1,150 @@
+"""The sharded margin softmax and the full / partial heads against a dense float64 reference."""
+import math
+
+import pytest
+import torch
+
+from parallel.bank import CenterBank
+from parallel.heads import HeadConfig, build_head
+from parallel.heads.config import MarginConfig, OptimizerConfig
+from parallel.sharding import ClassShard, class_owner
+from reference_softmax import dense_margin_softmax
+
+MARGINS = {
+    "arcface_exact": dict(m1=1.0, m2=0.5, m3=0.0, grad="exact"),
+    "arcface_straight_through": dict(m1=1.0, m2=0.5, m3=0.0, grad="straight_through"),
+    "cosface": dict(m1=1.0, m2=0.0, m3=0.4, grad="exact"),
+    "combined_exact": dict(m1=1.2, m2=0.3, m3=0.2, grad="exact"),
+    "combined_straight_through": dict(m1=0.9, m2=0.4, m3=0.15, grad="straight_through"),
+    "arcface_filtered": dict(m1=1.0, m2=0.5, m3=0.0, grad="exact", tau=0.25),
+}
+SCALE = 8.0
+
+
+def problem(num_classes, dim, batch, world, seed):
+    """Global embeddings, centers and labels; some targets nearly opposite their embedding so the
+    ArcFace guard (theta + m > pi) is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    bg = batch * world
+    X = torch.randn(bg, dim, generator=g, dtype=torch.float64)
+    W = torch.randn(num_classes, dim, generator=g, dtype=torch.float64)
+    Y = torch.randint(0, num_classes, (bg,), generator=g)
+    Y[0] = num_classes - 1  # the last class (on the last, smaller shard) is always a target
+    flip = torch.arange(bg) % 3 == 1
+    W[Y[flip]] = -X[flip] + 0.05 * torch.randn(int(flip.sum()), dim, generator=g, dtype=torch.float64)
+    return X, W, Y
+
+
+def head_config(kind, margin, chunk, dtype="float64", rate=1.0, seed=3, update="sparse"):
+    tau = margin.get("tau", 0.0)
+    return HeadConfig(type=kind, sample_rate=rate, chunk_size=chunk, compute_dtype=dtype,
+                      storage_dtype="float64" if dtype == "float64" else "float32", seed=seed,
+                      margin=MarginConfig(m1=margin["m1"], m2=margin["m2"], m3=margin["m3"], scale=SCALE,
+                                          grad=margin["grad"], interclass_filter=tau),
+                      optimizer=OptimizerConfig(update=update))
+
+
+def run_head(state, cfg, X, W, Y, batch):
+    """One forward/backward on this rank; returns loss, d x_local, active global ids, d centers."""
+    head = build_head(cfg, state, W.shape[0], W.shape[1])
+    start, count = head.shard.span
+    head.bank.weight.copy_(W[start:start + count].to(head.bank.weight.dtype))
+    lo = state.rank * batch
+    dtype = torch.float64 if cfg.compute_dtype == "float64" else torch.float32
+    x = X[lo:lo + batch].to(dtype).clone().requires_grad_(True)
+    out = head(x, Y[lo:lo + batch])
+    out.loss.backward()
+    (rows, grad), = head.pending_grads()
+    rows = torch.arange(count) if rows is None else rows
+    return dict(loss=out.loss.detach().double(), grad_x=x.grad.double() / state.data_world,
+                active=rows + start, grad_centers=grad.double())
+
+
+def rank_case_grid(state, num_classes, dim, batch, seed):
+    X, W, Y = problem(num_classes, dim, batch, state.world_size, seed)
+    out = {}
+    for name, margin in MARGINS.items():
+        for chunk in (1, 3, 10**9):
+            out[("full", name, chunk)] = run_head(state, head_config("full", margin, chunk), X, W, Y, batch)
+        out[("partial", name, 4)] = run_head(state, head_config("partial", margin, 4, rate=0.4), X, W, Y, batch)
+    fp32 = head_config("full", MARGINS["arcface_exact"], 5, dtype="float32")
+    out[("full", "fp32", 5)] = run_head(state, fp32, X, W, Y, batch)
+    bf16 = head_config("full", MARGINS["arcface_exact"], 5, dtype="bfloat16")
+    out[("full", "bf16", 5)] = run_head(state, bf16, X, W, Y, batch)
+    return out
+
+
+def reference_for(results, X, W, Y, margin):
+    active = torch.cat([r["active"] for r in results])
+    assert torch.equal(active, torch.unique(active)), "active sets must be disjoint and ordered by rank"
+    pos = torch.searchsorted(active, Y)
+    assert torch.equal(active[pos], Y), "every target must be active"
+    return dense_margin_softmax(X, W[active], pos, m1=margin["m1"], m2=margin["m2"], m3=margin["m3"], s=SCALE,
+                                grad=margin["grad"], tau=margin.get("tau", 0.0)), active
+
+
+def assert_matches(results, X, W, Y, margin, batch, rtol, atol):
+    (loss, dX, dW), active = reference_for(results, X, W, Y, margin)
+    for r, res in enumerate(results):
+        torch.testing.assert_close(res["loss"], loss, rtol=rtol, atol=atol)
+        torch.testing.assert_close(res["grad_x"], dX[r * batch:(r + 1) * batch], rtol=rtol, atol=atol)
+    dW_sharded = torch.cat([res["grad_centers"] for res in results])
+    torch.testing.assert_close(dW_sharded, dW, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("world,num_classes,dim,batch", [(1, 23, 7, 5), (2, 23, 16, 3), (3, 23, 7, 4),
+                                                         (4, 23, 9, 3)])
+def test_heads_match_dense_float64_reference_uneven_shards(spawn_ranks, world, num_classes, dim, batch):
+    seed = 11 + world
+    per_rank = spawn_ranks(rank_case_grid, world, args=(num_classes, dim, batch, seed))
+    X, W, Y = problem(num_classes, dim, batch, world, seed)
+    for key in per_rank[0]:
+        kind, name, chunk = key
+        results = [pr[key] for pr in per_rank]
+        margin = MARGINS.get(name, MARGINS["arcface_exact"])
+        if name == "fp32":
+            assert_matches(results, X, W, Y, margin, batch, rtol=1e-5, atol=1e-6)
+        elif name == "bf16":
+            # bf16 GEMMs (8-bit mantissa) with float32 softmax: ~1e-2 relative on logits and gradients
+            assert_matches(results, X, W, Y, margin, batch, rtol=5e-2, atol=5e-3)
+        else:
+            assert_matches(results, X, W, Y, margin, batch, rtol=1e-10, atol=1e-12)
+    # chunk-size invariance: chunks of 1, an odd size and everything at once agree to rounding
+    for name in MARGINS:
+        a, b, c = ([pr[("full", name, ch)] for pr in per_rank] for ch in (1, 3, 10**9))
+        for ra, rb, rc in zip(a, b, c):
+            for k in ("loss", "grad_x", "grad_centers"):
+                torch.testing.assert_close(ra[k], rc[k], rtol=1e-12, atol=1e-14)
+                torch.testing.assert_close(rb[k], rc[k], rtol=1e-12, atol=1e-14)
+
+
+def test_class_owner_and_shard_ranges_cover_every_class_once():
+    for num_classes in (1, 5, 23, 100):
+        for world in (1, 2, 3, 4, 7):
+            if num_classes < world:
+                continue
+            spans = ClassShard(num_classes, world, 0).ranges()
+            assert sum(c for _, c in spans) == num_classes
+            assert [s for s, _ in spans] == [sum(c for _, c in spans[:r]) for r in range(world)]
+            labels = torch.arange(num_classes)
+            owner = class_owner(labels, num_classes, world)
+            expected = torch.tensor([next(r for r, (s, c) in enumerate(spans) if s <= y < s + c) for y in labels])
+            assert torch.equal(owner, expected)
+
+
+def test_chunked_softmax_in_float32_matches_float64_reference_single_process():
+    from parallel.groups import ParallelState
+    X, W, Y = problem(37, 24, 16, 1, seed=5)
+    cfg = head_config("full", MARGINS["arcface_exact"], 6, dtype="float32")
+    res = run_head(ParallelState.single("cpu"), cfg, X, W, Y, 16)
+    assert_matches([res], X, W, Y, MARGINS["arcface_exact"], 16, rtol=1e-5, atol=1e-6)
+
+
+def test_label_outside_range_names_label_and_position():
+    from parallel.groups import ParallelState
+    head = build_head(HeadConfig(type="full"), ParallelState.single("cpu"), 10, 4)
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"label 10 at position 2 .* outside \[0, 10\)"):
+        head(x, torch.tensor([1, 2, 10]))
+    with pytest.raises(ValueError, match=r"label -1 at position 0"):
+        head(x, torch.tensor([-1, 2, 3]))
