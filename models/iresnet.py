@@ -113,7 +113,7 @@ class IResNet(nn.Module):
             x = self.bn2(x)
             x = torch.flatten(x, 1)   # (N, C*h*w) in NCHW order, whatever the memory format
             x = self.dropout(x)
-        x = self.fc(x.float())
+        x = self.fc(x.to(self.fc.weight.dtype))
         return self.features(x)
 
 

@@ -144,5 +144,5 @@ class MobileFaceNet(nn.Module):
             for layer in self.layers:
                 x = layer(x) if isinstance(layer, ResidualStage) else run_segment(
                     layer, x, self.gradient_checkpointing)
-        x = self.conv_sep(x.float())
+        x = self.conv_sep(x.to(self.conv_sep.layers[0].weight.dtype))
         return self.features(x)

@@ -151,7 +151,7 @@ class VisionTransformer(nn.Module):
                 x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
             for block in self.blocks:
                 x = run_segment(block, x, self.gradient_checkpointing)
-        x = self.norm(x.float())
+        x = self.norm(x.to(self.norm.weight.dtype))
         if masking:
             full = self.mask_token.to(x.dtype).expand(n, self.num_patches, self.embed_dim).clone()
             x = full.scatter(1, keep.unsqueeze(-1).expand(-1, -1, self.embed_dim), x)
