@@ -7,6 +7,10 @@ import torch.distributed as dist
 
 from parallel.groups import group_size
 
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the old names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     """(B, ...) on every rank -> (W*B, ...) in rank order. No autograd. B must match across ranks."""
@@ -15,7 +19,7 @@ def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x, group=group)
+    _all_gather_single(out, x, group=group)
     return out
 
 
@@ -26,7 +30,7 @@ def reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
         return x
     x = x.contiguous()
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, x, op=dist.ReduceOp.SUM, group=group)
+    _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
@@ -86,3 +90,25 @@ def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     return _AllReduceSum.apply(x, group)
+
+
+class _ReduceToReplicated(torch.autograd.Function):
+    """Forward: sum over ranks. Backward: identity.
+
+    For a term each rank computes from its own inputs and adds to a loss that every rank holds the
+    same copy of: each rank backpropagates that copy through its own part only, so every input's
+    gradient is counted once (unlike `all_reduce_sum`, whose backward sums over ranks)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def reduce_to_replicated(x: torch.Tensor, group) -> torch.Tensor:
+    if group_size(group) == 1:
+        return x
+    return _ReduceToReplicated.apply(x, group)

@@ -1,0 +1,47 @@
+"""Times one head step (forward, backward, optimizer) on W local gloo ranks, ours next to a naive
+implementation measured in the same run. Prints one JSON object per configuration.
+
+    python tools/bench_head.py --classes 1000000 --dim 512 --batch 128 --world 2 --sample-rate 0.1
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from parallel.bench import bench_config  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classes", type=int, nargs="+", default=[100_000])
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--batch", type=int, default=128, help="samples per rank")
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--sample-rate", type=float, nargs="+", default=[0.1])
+    p.add_argument("--head", nargs="+", default=["partial"])
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chunk-size", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--output", help="also append the JSON lines to this file")
+    args = p.parse_args()
+    for classes in args.classes:
+        for rate in args.sample_rate:
+            for head in args.head:
+                for dtype in args.dtype:
+                    record = bench_config(classes, args.dim, args.batch, args.world, rate, head=head, dtype=dtype,
+                                          chunk_size=args.chunk_size, steps=args.steps, warmup=args.warmup,
+                                          naive=not args.no_naive, storage_dtype=args.storage_dtype)
+                    line = json.dumps(record)
+                    print(line, flush=True)
+                    if args.output:
+                        with open(args.output, "a") as f:
+                            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
