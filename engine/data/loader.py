@@ -138,6 +138,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.expected_counts = expected_counts or {}
         self.counter = counter
         self.decoder = decoder
+        self.batches_per_epoch = None  # resampled mode: set by the loader
         self.epoch = 0
 
     # -- shard selection
@@ -216,17 +217,24 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield {**group[i], "jpg_b": group[j]["jpg"], "key_b": group[j]["__key__"]}
 
     def shuffled(self, items, rng):
+        """Shuffle buffer of `shuffle_buffer` items; starts yielding after 100 items and grows two items per
+        yield until full (as webdataset's shuffle), so the first batch does not wait for a full buffer."""
         if self.shuffle_buffer <= 1:
             yield from items
             return
+        initial = min(100, self.shuffle_buffer)
+        items = iter(items)
         buffer = []
         for item in items:
+            buffer.append(item)
             if len(buffer) < self.shuffle_buffer:
-                buffer.append(item)
-                continue
-            k = rng.randrange(len(buffer))
-            yield buffer[k]
-            buffer[k] = item
+                item = next(items, None)
+                if item is not None:
+                    buffer.append(item)
+            if len(buffer) >= initial:
+                k = rng.randrange(len(buffer))
+                buffer[k], buffer[-1] = buffer[-1], buffer[k]
+                yield buffer.pop()
         rng.shuffle(buffer)
         yield from buffer
 
@@ -242,6 +250,12 @@ class ShardStream(torch.utils.data.IterableDataset):
         labels = np.empty(B, np.int64)
         keys = []
         n = 0
+        # Resampled: this worker's share of the epoch's batches (the DataLoader takes them in turn).
+        share = None
+        if self.resampled:
+            share = self.batches_per_epoch // num_workers + (worker < self.batches_per_epoch % num_workers)
+            if share == 0:
+                return
         for item in self.shuffled(self.items(worker, num_workers, reporter, rng), rng):
             try:
                 to_tensor_layout(self.decoder(item["jpg"]), images[n], self.flip and rng.random() < 0.5)
@@ -255,11 +269,15 @@ class ShardStream(torch.utils.data.IterableDataset):
             n += 1
             if n == B:
                 yield self._batch(images, images_b, labels, keys, n)
+                if share is not None:
+                    share -= 1
+                    if share == 0:
+                        return
                 images = np.empty_like(images)
                 images_b = np.empty_like(images) if pairs else None
                 labels = np.empty_like(labels)
                 keys, n = [], 0
-        if n and not self.resampled:
+        if n and share is None:
             yield self._batch(images, images_b, labels, keys, n)
 
     def _batch(self, images, images_b, labels, keys, n):
@@ -308,15 +326,12 @@ class ShardLoader:
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
             prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
-        iterator = iter(loader)
-        try:
-            if self.batches_per_epoch is None:
-                yield from iterator
-            else:
-                for _ in range(self.batches_per_epoch):
-                    yield next(iterator)
-        finally:
-            del iterator  # shuts the workers down
+        count = 0
+        for batch in loader:
+            count += 1
+            yield batch
+        if self.batches_per_epoch is not None and count != self.batches_per_epoch:
+            raise RuntimeError(f"resampled epoch gave {count} batches instead of {self.batches_per_epoch}")
 
 
 def build_loader(shards, batch_size: int, *, num_classes: int, rank: int, world_size: int, num_workers: int = 2,
@@ -371,5 +386,6 @@ def build_loader(shards, batch_size: int, *, num_classes: int, rank: int, world_
     stream = ShardStream(urls, batch_size, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
                          resampled=resampled, shuffle_buffer=shuffle_buffer, mode=mode, flip=flip,
                          with_keys=with_keys, expected_counts=expected_counts, counter=counter, decoder=decoder)
+    stream.batches_per_epoch = batches_per_epoch
     return ShardLoader(stream, num_workers, batches_per_epoch, num_images)
 
