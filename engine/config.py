@@ -45,7 +45,7 @@ class DataConfig:
     batch_size: int = 128               # micro-batch per rank
     num_workers: int = 2
     shuffle_buffer: int = 1000
-    resampled: bool = False             # sample shards with replacement (multi-node: no rank runs dry)
+    resampled: bool = True              # shards with replacement, fixed batches per epoch: ranks stay in step
     mode: str = "instance"
 
 
@@ -119,6 +119,7 @@ class EvalConfig:
 class CheckpointConfig:
     every_n_steps: int = 0              # 0: only at the end
     dir: str = ""                       # empty: <output_dir>/checkpoint
+    resume: str = ""                    # checkpoint to resume from (needs engine.checkpoint)
 
 
 @dataclass
@@ -289,13 +290,16 @@ def _positive(key: str, value, strict: bool = True) -> None:
         raise ConfigError(f"{key}: {value} must be {'> 0' if strict else '>= 0'}")
 
 
-def known_backbones() -> list[str] | None:
-    """Names from the model registry, or None when the models package is not importable."""
+def check_backbone(name: str) -> None:
+    """Raises ConfigError unless the model registry knows `name` (or one of its aliases)."""
     try:
-        from models import list_backbones
-    except ImportError:
-        return None
-    return list(list_backbones())
+        from models import resolve_name
+    except ImportError:   # models not importable: building the backbone will report it
+        return
+    try:
+        resolve_name(name)
+    except ValueError as err:
+        raise ConfigError(f"model.backbone: {err}") from None
 
 
 def validate(cfg: Config) -> None:
@@ -348,7 +352,4 @@ def validate(cfg: Config) -> None:
         cfg.head.validate("head")
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    names = known_backbones()
-    if names is not None and cfg.model.backbone not in names:
-        raise ConfigError(f"model.backbone: unknown backbone {cfg.model.backbone!r} "
-                          f"(known: {', '.join(sorted(names))})")
+    check_backbone(cfg.model.backbone)

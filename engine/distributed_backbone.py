@@ -4,8 +4,8 @@ fp32/bf16/fp16) and torch DDP, so the trainer's loop is the same for both.
 Per optimizer step of k = `grad_accum` micro-batches the trainer calls
 
     for each micro-batch:  x = backbone.forward(images); loss = head(x, y).loss; backbone.backward(loss)
-    result = backbone.step(lr)        # StepResult(applied, grad_norm, head_grad_scale)
-    head.step(lr, grad_scale=result.head_grad_scale) if result.applied else head.skip_step()
+    result = backbone.step(lr)        # StepResult(applied, grad_norm, loss_scale)
+    head.step(lr, grad_scale=1 / result.loss_scale) if result.applied else head.skip_step()
 
 Scaling, as pinned for deepspeed==0.19.8 (tests/test_engine_scaling.py proves each line):
 - `engine.backward(loss)` divides the loss by k once (`scale_wrt_gas`) before autograd runs; the output
@@ -13,7 +13,8 @@ Scaling, as pinned for deepspeed==0.19.8 (tests/test_engine_scaling.py proves ea
   gradients that reach the head (outside the engine) are the mean over micro-batches as well, which is
   what a k-times larger batch gives: no extra factor for the head.
 - fp16: ZeRO and the fp16 optimizer multiply the loss by the dynamic loss scale before autograd, so the
-  head's gradients carry that factor too; `head_grad_scale` is that scale (the head divides by it).
+  head's gradients carry that factor too; `loss_scale` is that factor (the head's step multiplies its
+  gradient by `grad_scale`, so the trainer passes 1 / loss_scale, times its clipping coefficient).
   A step the loss scaler drops (overflow) returns `applied=False` and the trainer drops the head's step.
 - Data parallel: both DeepSpeed and DDP average backbone gradients over the data-parallel group; the head
   multiplies the gradient it sends into x by that group's size, so the average is the global-batch
@@ -45,7 +46,7 @@ def deepspeed_available() -> bool:
 class StepResult:
     applied: bool                 # False: the backbone's optimizer dropped this step (fp16 overflow)
     grad_norm: float | None       # global backbone gradient norm before clipping (None if unknown)
-    head_grad_scale: float        # factor carried by the gradients that reached the head this step
+    loss_scale: float             # factor the gradients that reached the head carry (fp16 loss scale, else 1)
 
 
 def build_optimizer(params, optim_cfg, *, offload: bool = False):
@@ -239,7 +240,7 @@ class DistributedBackbone:
                 norm = float(ds_norm.item() if torch.is_tensor(ds_norm) else ds_norm)
                 if self.precision == "fp16" and not engine.zero_optimization():
                     norm = norm / scale if scale else norm
-        return StepResult(applied=applied, grad_norm=norm, head_grad_scale=scale)
+        return StepResult(applied=applied, grad_norm=norm, loss_scale=scale)
 
     def _step_ddp(self) -> StepResult:
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -250,7 +251,7 @@ class DistributedBackbone:
             norm = _grad_norm(params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(applied=True, grad_norm=norm, head_grad_scale=1.0)
+        return StepResult(applied=True, grad_norm=norm, loss_scale=1.0)
 
     # ------------------------------------------------------------------------------------------ state
     def fp32_state_dict(self) -> dict:

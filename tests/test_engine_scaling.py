@@ -68,7 +68,7 @@ class StandInHead(nn.Module):
 
     @torch.no_grad()
     def step(self, lr, grad_scale=1.0):
-        self.weight -= lr * self.weight.grad / grad_scale
+        self.weight -= lr * self.weight.grad * grad_scale
         self.weight.grad = None
 
     def skip_step(self):
@@ -136,7 +136,7 @@ def _train_one_step(state, cfg, net_state, head_w, images, labels):
         losses.append(float(out.loss))
     result = backbone.step(cfg.optim.lr)
     assert result.applied
-    head.step(cfg.optim.lr, grad_scale=result.head_grad_scale)
+    head.step(cfg.optim.lr, grad_scale=1.0 / result.loss_scale)
     return {"backbone": backbone.fp32_state_dict(), "head": head.weight.detach().clone(),
             "grad_norm": result.grad_norm, "kind": backbone.kind}
 
