@@ -325,7 +325,7 @@ class ShardLoader:
         self.stream.epoch = self.epoch
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-            prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+            prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
         count = 0
         for batch in loader:
             count += 1

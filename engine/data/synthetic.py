@@ -77,9 +77,8 @@ def identity_params(identity: int, seed: int) -> dict:
 
 def _ellipse(cx, cy, rx, ry, n=2.0):
     """(24, 2) points of a superellipse (n=2: ellipse)."""
-    c, s = _CIRCLE[:, 0], _CIRCLE[:, 1]
-    e = 2.0 / n
-    return np.stack([cx + rx * np.sign(c) * np.abs(c) ** e, cy + ry * np.sign(s) * np.abs(s) ** e], axis=1)
+    unit = _CIRCLE if n == 2.0 else np.sign(_CIRCLE) * np.abs(_CIRCLE) ** (2.0 / n)
+    return unit * (rx, ry) + (cx, cy)
 
 
 def _bar(x0, y0, x1, y1, t):
@@ -105,9 +104,10 @@ def render_sprite(p: dict, r: np.random.Generator) -> Image.Image:
     draw = ImageDraw.Draw(img)
     k, (cx, cy) = SPRITE_SCALE, _SPRITE_CENTRE
 
+    offset = np.array([cx, cy])
+
     def place(points):
-        pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        return np.stack([cx + k * pts[:, 0], cy + k * pts[:, 1]], axis=1).ravel().tolist()
+        return (np.asarray(points, dtype=np.float64).reshape(-1, 2) * k + offset).ravel().tolist()
 
     colour = _colour
     yaw, pitch = r.uniform(-0.9, 0.9), r.uniform(-1, 1)

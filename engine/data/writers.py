@@ -110,8 +110,12 @@ class SampleSource:
         raise NotImplementedError
 
 
+_SOURCE: SampleSource | None = None  # set before the pool forks: large sources are not pickled per task
+
+
 def _write_one(args) -> ShardResult:
-    source, task, out_dir, prefix = args
+    task, out_dir, prefix = args
+    source = _SOURCE
     name = shard_name(prefix, task.index)
     final = os.path.join(out_dir, name)
     partial = final + ".partial"
@@ -149,7 +153,9 @@ def write_shards(source: SampleSource, tasks: list[ShardTask], out_dir: str, *, 
     stale = [n for n in os.listdir(out_dir) if re.fullmatch(re.escape(prefix) + r"-\d{6}\.tar\.partial", n)]
     for name in stale:
         os.remove(os.path.join(out_dir, name))
-    jobs = [(source, task, out_dir, prefix) for task in tasks]
+    global _SOURCE
+    _SOURCE = source
+    jobs = [(task, out_dir, prefix) for task in tasks]
     results: list[ShardResult] = []
     bar = tqdm(total=total_images, unit="img", desc=f"writing {prefix} shards", disable=not progress,
                smoothing=0.1, dynamic_ncols=True)
@@ -174,6 +180,7 @@ def write_shards(source: SampleSource, tasks: list[ShardTask], out_dir: str, *, 
         raise
     finally:
         bar.close()
+        _SOURCE = None
     results.sort(key=lambda r: r.index)
     images_per_class = np.zeros(num_classes, dtype=np.int64)
     for r in results:
