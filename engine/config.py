@@ -8,6 +8,7 @@ file when there is one). The `head:` section is `parallel.heads.config.HeadConfi
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -76,6 +77,7 @@ class OptimConfig:
     grad_accum: int = 1                 # micro-batches per optimizer step
     clip_grad_norm: float = 0.0         # backbone global-norm clipping, 0 = off
     head_clip_grad_norm: float = 0.0    # head global-norm clipping over all shards, 0 = off
+    head_lr_scale: float = 1.0          # the head's SGD lr = schedule lr x this
 
 
 @dataclass
@@ -246,7 +248,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
 
 
 def config_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "") -> Config:
-    raw = apply_overrides(dict(raw or {}), overrides)
+    raw = apply_overrides(copy.deepcopy(raw or {}), overrides)
     try:
         cfg = _build(Config, raw)
         validate(cfg)
@@ -316,6 +318,7 @@ def validate(cfg: Config) -> None:
     _positive("optim.weight_decay", cfg.optim.weight_decay, strict=False)
     _positive("optim.clip_grad_norm", cfg.optim.clip_grad_norm, strict=False)
     _positive("optim.head_clip_grad_norm", cfg.optim.head_clip_grad_norm, strict=False)
+    _positive("optim.head_lr_scale", cfg.optim.head_lr_scale)
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"optim.betas: expected two numbers, got {cfg.optim.betas!r}")
     _positive("schedule.epochs", cfg.schedule.epochs, strict=False)

@@ -76,7 +76,12 @@ class TrainMetrics:
         self.port = None
         if cfg.prometheus:
             self.port = cfg.prometheus_port + local_rank
-            self.server, _thread = start_http_server(self.port, addr=cfg.prometheus_bind, registry=reg)
+            try:
+                self.server, _thread = start_http_server(self.port, addr=cfg.prometheus_bind, registry=reg)
+            except OSError as err:   # a taken port must not stop training
+                print(f"rank {rank}: no Prometheus endpoint on {cfg.prometheus_bind}:{self.port} ({err}); "
+                      "set metrics.prometheus_port to a free base port", file=sys.stderr, flush=True)
+                self.port = None
 
         self.writer = None
         self.tensorboard_dir = None

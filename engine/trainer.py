@@ -12,7 +12,7 @@ One optimizer step = `optim.grad_accum` micro-batches per rank:
     lr = schedule(step)
     head_norm = sqrt(all_reduce(head.grad_sq_norm()))              # over the head's shards
     result = backbone.step(lr)                                      # clips, steps (or drops: fp16 overflow)
-    head.step(lr, grad_scale=clip / loss_scale) if result.applied else head.skip_step()
+    head.step(lr * head_lr_scale, grad_scale=clip / loss_scale) if result.applied else head.skip_step()
 
 See engine/distributed_backbone.py for why no other factor appears. Checkpoints go through
 `engine.checkpoint.save_checkpoint(trainer, step)` / `load_checkpoint(trainer, path)` when that module
@@ -291,7 +291,7 @@ class Trainer:
         if cfg.optim.head_clip_grad_norm > 0 and head_norm_true > cfg.optim.head_clip_grad_norm:
             clip = cfg.optim.head_clip_grad_norm / (head_norm_true + 1e-6)
         if result.applied and (math.isfinite(head_norm_true) or not hasattr(self.head, "grad_sq_norm")):
-            self.head.step(lr, grad_scale=clip / loss_scale)
+            self.head.step(lr * cfg.optim.head_lr_scale, grad_scale=clip / loss_scale)
         else:
             self.head.skip_step()
         t2 = time.perf_counter()
