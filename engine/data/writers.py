@@ -253,11 +253,16 @@ def write_folder_shards(root: str, out_dir: str, *, shard_size: int = 10000, wor
         raise FileNotFoundError(f"image folder {root} does not exist")
     names = sorted(e.name for e in os.scandir(root) if e.is_dir())
     dirs = [os.path.join(root, n) for n in names]
-    if workers > 1 and len(dirs) > 1000:
-        with mp.get_context("fork").Pool(workers) as pool:
-            counts = np.array(pool.map(_count_images, dirs, chunksize=256), dtype=np.int64)
-    else:
-        counts = np.array([_count_images(d) for d in dirs], dtype=np.int64)
+    with tqdm(total=len(dirs), unit="id", desc="listing identities", disable=not progress or len(dirs) < 1000) as bar:
+        if workers > 1 and len(dirs) > 1000:
+            with mp.get_context("fork").Pool(workers) as pool:
+                counts = []
+                for n in pool.imap(_count_images, dirs, chunksize=256):
+                    counts.append(n)
+                    bar.update()
+        else:
+            counts = [_count_images(d) for d in dirs]
+    counts = np.array(counts, dtype=np.int64)
     keep = counts > 0
     identities = [n for n, k in zip(names, keep) if k]
     counts = counts[keep]
@@ -302,7 +307,7 @@ class RecordSource(SampleSource):
 def write_rec_shards(rec_path: str, out_dir: str, *, idx_path: str | None = None, shard_size: int = 10000,
                      workers: int = 2, prefix: str = "train", progress: bool = True) -> dict:
     reader = RecordIOReader(rec_path, idx_path)
-    with tqdm(unit="rec", desc="scanning record headers", disable=not progress) as bar:
+    with tqdm(total=len(reader.keys), unit="rec", desc="scanning record headers", disable=not progress) as bar:
         layout = scan_layout(reader, progress=bar.update)
     reader.close()
     if len(layout.record_ids) == 0:
