@@ -22,6 +22,14 @@ Column conventions (all optional beyond the first):
   excluded from the softmax unless they are the row's target (DCQ masks same-identity queue keys);
 - `valid (Bg,)`: rows that take part in the loss (identical on every rank); the loss is the mean
   over valid rows.
+
+Optional output `top_negatives = h > 0` (hard-negative mining, MutualFace's queue update): pass 1 also
+keeps, per row, the h highest negative cosines among this rank's columns with an online per-chunk
+top-k merge, into `stats["top_negative_cos"] (Bg, h)` (clamped cosine, descending) and
+`stats["top_negative_col"] (Bg, h)` (column in `centers`). The target column, excluded entries and
+entries removed by the inter-class filter never count; a row with fewer than h such columns is padded
+with -inf / -1. Ties are broken towards the lower column, so the result does not depend on the chunk
+size. Cosines only: no communication is added.
 """
 from __future__ import annotations
 
@@ -56,10 +64,11 @@ class _FusedMarginSoftmax(torch.autograd.Function):
     """Loss forward; the gradients are formed during forward and only scaled in backward."""
 
     @staticmethod
-    def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats):
+    def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats,
+                top_negatives):
         need_grad = any(ctx.needs_input_grad[:3])
         loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
-                                           need_grad=need_grad, stats=stats)
+                                           need_grad=need_grad, stats=stats, top_negatives=top_negatives)
         ctx.grads = grads
         ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
         return loss
@@ -68,7 +77,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
         out = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None)
 
 
 def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_col: torch.Tensor, *,
@@ -76,25 +85,56 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
                         compute_dtype: torch.dtype = torch.float32,
                         row_centers: torch.Tensor | None = None, row_center_mask: torch.Tensor | None = None,
                         column_labels: torch.Tensor | None = None, row_labels: torch.Tensor | None = None,
-                        valid: torch.Tensor | None = None, stats: dict | None = None) -> torch.Tensor:
+                        valid: torch.Tensor | None = None, stats: dict | None = None,
+                        top_negatives: int = 0) -> torch.Tensor:
     """Mean margin-softmax CE over the global batch, with all ranks' `centers` as the classes.
 
     Differentiable with respect to `x_global`, `centers` and `row_centers`. See the module docstring.
-    `stats`, if given, receives per-row figures of the step (global target logit, log partition).
+    `stats`, if given, receives per-row figures of the step (global target logit, log partition) and,
+    with `top_negatives = h > 0`, this rank's h hardest negatives of every row.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if top_negatives < 0:
+        raise ValueError(f"top_negatives must be >= 0, got {top_negatives}")
+    if top_negatives and stats is None:
+        raise ValueError("top_negatives > 0 needs a stats dict to receive top_negative_cos / top_negative_col")
     inputs = SoftmaxInputs(x_global.detach(), centers.detach(), target_col,
                            None if row_centers is None else row_centers.detach(), row_center_mask,
                            column_labels, row_labels, valid)
     if row_centers is None:
         row_centers = x_global.new_empty(0)
     return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
-                                     compute_dtype, stats)
+                                     compute_dtype, stats, top_negatives)
+
+
+def _top_by_value_then_col(values: torch.Tensor, cols: torch.Tensor, k: int):
+    """Per row, the k entries of largest value, ties to the lower column: exact and order-free.
+    values (N, M) with -inf for empty entries, cols (N, M) long -> (N, k) each, sorted."""
+    by_col = torch.argsort(cols, dim=1, stable=True)
+    values, cols = values.gather(1, by_col), cols.gather(1, by_col)
+    by_value = torch.argsort(values, dim=1, descending=True, stable=True)[:, :k]
+    return values.gather(1, by_value), cols.gather(1, by_value)
+
+
+def _chunk_top_negatives(neg_cos: torch.Tensor, lo: int, k: int):
+    """Top-k of one chunk's negative cosines (Bg, c) (-inf where not a negative), ties to the lower
+    column: a top-k finds each row's k-th value, a second top-k over a tie-aware priority picks the
+    columns. Returns values (Bg, k) and global columns (Bg, k), -1 where the value is -inf."""
+    c = neg_cos.shape[1]
+    kth = neg_cos.topk(k, dim=1).values[:, -1:]                                   # (Bg, 1)
+    col_rank = torch.arange(c, device=neg_cos.device, dtype=torch.float64) / c  # [0, 1)
+    priority = torch.where(neg_cos > kth, 2.0,
+                           torch.where(neg_cos == kth, 1.0 - col_rank, -1.0).to(torch.float64))
+    idx = priority.topk(k, dim=1).indices
+    values = neg_cos.gather(1, idx)
+    cols = torch.where(torch.isneginf(values), torch.full_like(idx, -1), idx + lo)
+    return values, cols
 
 
 def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
-                         compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None):
+                         compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None,
+                         top_negatives: int = 0):
     """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
 
     The gradients are those of the mean loss on this rank's columns (None if not need_grad).
@@ -142,6 +182,10 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         row_max = torch.where(row_mask, row_logit, row_max)
         row_sum = torch.where(row_mask, torch.ones_like(row_sum), row_sum)
 
+    h = int(top_negatives)
+    top_cos = torch.full((bg, h), float("-inf"), dtype=acc, device=device)         # (Bg, h)
+    top_col = torch.full((bg, h), -1, dtype=torch.long, device=device)             # (Bg, h)
+
     chunks = [(lo, min(a, lo + chunk_size)) for lo in range(0, a, chunk_size)]
     rows_all = torch.arange(bg, device=device)
     kept = None  # logits of the last chunk of pass 1, reused as the first chunk of pass 2
@@ -176,6 +220,14 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             target_cos[t_rows] = cos_t
             target_logit[t_rows] = s * psi
             target_dpsi[t_rows] = dpsi
+        if h:
+            # negatives only: logits of -inf are excluded entries, targets and filtered ones never count
+            neg = raw.clamp(-1.0, 1.0).masked_fill(torch.isneginf(logits), float("-inf"))
+            neg[t_rows, t_cols] = float("-inf")
+            if filtered is not None:
+                neg = neg.masked_fill(filtered, float("-inf"))
+            v, c = _chunk_top_negatives(neg, lo, min(h, hi - lo))
+            top_cos, top_col = _top_by_value_then_col(torch.cat([top_cos, v], 1), torch.cat([top_col, c], 1), h)
         new_max = torch.maximum(row_max, logits.max(dim=1).values)
         row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
         row_max = new_max
@@ -192,6 +244,9 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     if stats is not None:
         stats["target_logit"] = global_target.detach()
         stats["log_z"] = log_z.detach()
+        if h:
+            stats["top_negative_cos"] = top_cos
+            stats["top_negative_col"] = top_col
     if not need_grad:
         return loss, (None, None, None)
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from parallel.heads.base import Head, HeadOutput
 from parallel.heads.config import HeadConfig
+from parallel.heads.mutual import MutualHead
 from parallel.heads.parametric import FullHead, PartialHead
 
-HEADS: dict[str, type] = {"full": FullHead, "partial": PartialHead}
+HEADS: dict[str, type] = {"full": FullHead, "partial": PartialHead, "mutual": MutualHead}
 
 
 def register_head(name: str, cls: type) -> None:

@@ -1,7 +1,7 @@
 """Typed configuration of a head (the `head:` section of a recipe)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 HEAD_TYPES = ("full", "partial", "mutual", "dcq", "f2c")
 MARGIN_GRADS = ("exact", "straight_through")
@@ -37,6 +37,65 @@ class OptimizerConfig:
     update: str = "sparse"
 
 
+QUEUE_UPDATES = ("score", "fifo")
+INTERACTIONS = ("none", "refresh", "pull", "dual")
+
+
+@dataclass
+class MutualConfig:
+    """MutualFace options, read from `head.extra` of a `mutual` head.
+
+    Hard queue: per class, `queue_size` (Q) global ids of hard negative classes, kept by the class's
+    owner. After each step every rank sends, per row, its `top_h` highest-cosine active negatives to
+    the owner of the row's class, which merges them: `score` keeps the Q best by score
+    (1 + cos) / 2, every stored score multiplied by `decay` at each merge into that class;
+    `fifo` keeps the Q most recently seen distinct ids (a re-seen id moves to the front).
+    Selection activates queued negatives after the positives, at most `hard_share` of the
+    floor(rho * C_r) active rows, then random fill.
+
+    `interaction`: `none`; `refresh` (M1: after the step W_c <- |W_c| * normalize((1 - alpha) W^_c
+    + alpha * mean x^ of class c), alpha = `refresh_alpha`); `pull` (M2: extra loss
+    `pull_weight` * mean(1 - cos(x_i, W_yi)), gradient to both); `dual` (M3: CE with centers detached
+    on the hard-negative set for the features, CE with features detached on an independent uniform
+    set for the centers).
+    """
+
+    queue_size: int = 16
+    top_h: int = 4
+    hard_share: float = 0.5
+    update: str = "score"
+    decay: float = 0.9
+    interaction: str = "refresh"
+    refresh_alpha: float = 0.1
+    pull_weight: float = 1.0
+
+    @classmethod
+    def from_extra(cls, extra: dict, prefix: str = "head.extra") -> "MutualConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"{prefix}.{unknown[0]}: unknown key for a mutual head; known: {', '.join(sorted(known))}")
+        cfg = cls(**extra)
+        cfg.validate(prefix)
+        return cfg
+
+    def validate(self, prefix: str = "head.extra") -> None:
+        if self.update not in QUEUE_UPDATES:
+            raise ValueError(f"{prefix}.update: {self.update!r} is not one of {', '.join(QUEUE_UPDATES)}")
+        if self.interaction not in INTERACTIONS:
+            raise ValueError(f"{prefix}.interaction: {self.interaction!r} is not one of {', '.join(INTERACTIONS)}")
+        for key in ("queue_size", "top_h"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{prefix}.{key}: {value!r} must be an integer >= 1")
+        for key, lo, hi in (("hard_share", 0.0, 1.0), ("decay", 0.0, 1.0), ("refresh_alpha", 0.0, 1.0)):
+            value = getattr(self, key)
+            if not lo <= value <= hi:
+                raise ValueError(f"{prefix}.{key}: {value} must be within [{lo}, {hi}]")
+        if self.pull_weight < 0:
+            raise ValueError(f"{prefix}.pull_weight: {self.pull_weight} must be >= 0")
+
+
 @dataclass
 class HeadConfig:
     type: str = "partial"
@@ -68,3 +127,5 @@ class HeadConfig:
             raise ValueError(f"{prefix}.margin.scale: {self.margin.scale} must be > 0")
         if self.margin.m1 <= 0:
             raise ValueError(f"{prefix}.margin.m1: {self.margin.m1} must be > 0")
+        if self.type == "mutual":
+            MutualConfig.from_extra(self.extra, f"{prefix}.extra")

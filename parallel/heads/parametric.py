@@ -54,7 +54,8 @@ class ParametricHead(Head):
         raise NotImplementedError
 
     # -- the step ------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
+    def gather_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Checks this rank's batch; returns x_global (Bg, D) (gradient flows back to x) and labels_global (Bg,)."""
         if x.dim() != 2 or x.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(x.shape)}")
         if labels.shape != (x.shape[0],):
@@ -63,9 +64,17 @@ class ParametricHead(Head):
         check_labels(labels, self.num_classes, self.state.rank)
         x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
         labels_global = all_gather_rows(labels, self.group)                                 # (Bg,)
+        return x_global, labels_global
+
+    def active_centers(self, rows: torch.Tensor | None) -> torch.Tensor:
+        """The rows as a leaf tensor (A, D) in the softmax's accumulation dtype, requiring grad."""
+        return self.bank.rows(rows).to(torch.float64 if self.compute_dtype == torch.float64
+                                       else torch.float32).requires_grad_(True)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
+        x_global, labels_global = self.gather_inputs(x, labels)
         active = self.select(labels_global)
-        centers = self.bank.rows(active.rows).to(torch.float64 if self.compute_dtype == torch.float64
-                                                 else torch.float32).requires_grad_(True)   # (A, D)
+        centers = self.active_centers(active.rows)                                          # (A, D)
         stats: dict = {}
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
                                    chunk_size=self.cfg.chunk_size, compute_dtype=self.compute_dtype,
