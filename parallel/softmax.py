@@ -17,11 +17,17 @@ Column conventions (all optional beyond the first):
 - `target_col (Bg,)`: column in `centers` of each row's target on this rank, -1 where the target
   lives elsewhere (or in `row_centers`);
 - `row_centers (Bg, D)` + `row_center_mask (Bg,)`: one extra column per row, seen only by that row,
-  holding its target (DCQ's positive key); rows with mask True take their target there;
+  holding its target (DCQ's positive key); rows with mask True take their target there. Like
+  `target_col`, a row's mask is True on exactly one rank (the one that holds its extra column, e.g.
+  the row's home rank); the other ranks pass False for it and their `row_centers` rows are ignored;
 - `column_labels (A,)` + `row_labels (Bg,)`: entries whose column label equals the row's label are
-  excluded from the softmax unless they are the row's target (DCQ masks same-identity queue keys);
+  excluded from the softmax (probability 0, no gradient) unless they are the row's target (DCQ masks
+  same-identity queue keys);
 - `valid (Bg,)`: rows that take part in the loss (identical on every rank); the loss is the mean
-  over valid rows.
+  over valid rows. Invalid rows get no gradient and need no target (they may have no column at all).
+
+Every valid row has exactly one target over all ranks (a `target_col` entry or a masked row column);
+the count travels with the target-logit all-reduce and a violation raises ValueError naming the row.
 
 Optional output `top_negatives = h > 0` (hard-negative mining, MutualFace's queue update): pass 1 also
 keeps, per row, the h highest negative cosines among this rank's columns with an online per-chunk
@@ -159,6 +165,14 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     valid = (inp.valid.to(device=device, dtype=acc) if inp.valid is not None
              else torch.ones(bg, dtype=acc, device=device))
     exclude = inp.column_labels is not None and inp.row_labels is not None
+    if (inp.column_labels is None) != (inp.row_labels is None):
+        raise ValueError("column_labels and row_labels go together: pass both or neither")
+    if exclude and (inp.column_labels.shape != (a,) or inp.row_labels.shape != (bg,)):
+        raise ValueError(f"column_labels must be ({a},) and row_labels ({bg},), got "
+                         f"{tuple(inp.column_labels.shape)} and {tuple(inp.row_labels.shape)}")
+    if bool((row_mask & has_target).any()):
+        row = int((row_mask & has_target).nonzero()[0, 0])
+        raise ValueError(f"row {row} has its target both in row_centers and in column {int(target_col[row])}")
     tau = float(margin.interclass_filter)
 
     row_max = torch.full((bg,), _NEG, dtype=acc, device=device)
@@ -236,10 +250,18 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
 
     global_max = all_reduce_(row_max.clone(), group, op=dist.ReduceOp.MAX)
     global_sum = all_reduce_(row_sum * torch.exp(row_max - global_max), group)
-    global_target = all_reduce_(target_logit.clone(), group)
+    # target logit and the number of targets of every row, in one all-reduce
+    targets = all_reduce_(torch.stack([target_logit, (has_target | row_mask).to(acc)]), group)
+    global_target, target_count = targets[0], targets[1]
+    is_valid = valid > 0
+    if bool((is_valid & (target_count != 1)).any()):
+        row = int((is_valid & (target_count != 1)).nonzero()[0, 0])
+        raise ValueError(f"row {row} of the global batch is valid but has {int(target_count[row])} targets "
+                         "over all ranks (exactly one expected)")
     log_z = torch.log(global_sum) + global_max
     n_valid = valid.sum().clamp_min(1.0)
-    per_row = (log_z - global_target) * valid
+    # an invalid row may have no column at all (log_z = -inf): select, never multiply by 0
+    per_row = torch.where(is_valid, (log_z - global_target) * valid, torch.zeros_like(log_z))
     loss = per_row.sum() / n_valid
     if stats is not None:
         stats["target_logit"] = global_target.detach()
@@ -251,7 +273,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         return loss, (None, None, None)
 
     # pass 2: probabilities and gradients, last chunk first (its logits are still at hand)
-    inv_sum = 1.0 / global_sum
+    inv_sum = torch.where(global_sum > 0, 1.0 / global_sum, torch.zeros_like(global_sum))
     row_weight = valid / n_valid                                           # (Bg,)
     grad_x_hat = torch.zeros_like(x_hat)                                   # (Bg, D) acc
     grad_centers = torch.empty(inp.centers.shape, dtype=acc, device=device)  # (A, D)

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 from parallel.heads.base import Head, HeadOutput
 from parallel.heads.config import HeadConfig
+from parallel.heads.dcq import DcqHead
+from parallel.heads.f2c import F2cHead
 from parallel.heads.mutual import MutualHead
 from parallel.heads.parametric import FullHead, PartialHead
 
 HEADS: dict[str, type] = {"full": FullHead, "partial": PartialHead, "mutual": MutualHead}
+HEADS["dcq"] = DcqHead
+HEADS["f2c"] = F2cHead
 
 
 def register_head(name: str, cls: type) -> None:

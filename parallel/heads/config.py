@@ -96,6 +96,112 @@ class MutualConfig:
             raise ValueError(f"{prefix}.pull_weight: {self.pull_weight} must be >= 0")
 
 
+EMA_HEAD_LAYOUTS = ("sharded", "replicated")
+EVAL_NETWORKS = ("ema", "backbone")
+
+
+def _extra_section(cls, extra: dict, prefix: str, kind: str):
+    """Builds a typed options dataclass from `head.extra`; a `margin` entry becomes a MarginConfig."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"{prefix}.{unknown[0]}: unknown key for a {kind} head; known: {', '.join(sorted(known))}")
+    values = dict(extra)
+    if "margin" in values:
+        margin = values["margin"]
+        if isinstance(margin, dict):
+            margin_known = {f.name for f in fields(MarginConfig)}
+            bad = sorted(set(margin) - margin_known)
+            if bad:
+                raise ValueError(f"{prefix}.margin.{bad[0]}: unknown key; known: {', '.join(sorted(margin_known))}")
+            values["margin"] = MarginConfig(**{**vars(cls().margin), **margin})
+        elif not isinstance(margin, MarginConfig):
+            raise ValueError(f"{prefix}.margin: expected a mapping, got {margin!r}")
+    cfg = cls(**values)
+    cfg.validate(prefix)
+    return cfg
+
+
+def _check_margin(margin: MarginConfig, prefix: str) -> None:
+    if margin.grad not in MARGIN_GRADS:
+        raise ValueError(f"{prefix}.margin.grad: {margin.grad!r} is not one of {', '.join(MARGIN_GRADS)}")
+    if margin.scale <= 0 or margin.m1 <= 0:
+        raise ValueError(f"{prefix}.margin: scale ({margin.scale}) and m1 ({margin.m1}) must be > 0")
+
+
+@dataclass
+class DcqConfig:
+    """DCQ options, read from `head.extra` of a `dcq` head (official values as defaults).
+
+    `queue_size` K: keys in the queue over all ranks, a multiple of the global batch Bg (checked at
+    the first step). `momentum` mu: the weight generator g is the EMA of the trained network,
+    g <- mu g + (1 - mu) f, updated before the keys are computed. `margin`: CosFace s=50, m=0.3 (the
+    head's margin; `head.margin` is not used by dcq). `layout`: `sharded` (each rank keeps a ring of
+    its own last K/W keys; no key crosses the network) or `replicated` (every rank keeps all K keys,
+    the gathered keys are enqueued everywhere; the official layout). `eval_network`: `ema`
+    (evaluate the weight generator g, as the paper does) or `backbone` (the trained f).
+    """
+
+    queue_size: int = 8192
+    momentum: float = 0.999
+    margin: MarginConfig = field(default_factory=lambda: MarginConfig(m1=1.0, m2=0.0, m3=0.3, scale=50.0))
+    layout: str = "sharded"
+    eval_network: str = "ema"
+
+    @classmethod
+    def from_extra(cls, extra: dict, prefix: str = "head.extra") -> "DcqConfig":
+        return _extra_section(cls, extra, prefix, "dcq")
+
+    def validate(self, prefix: str = "head.extra") -> None:
+        if not isinstance(self.queue_size, int) or self.queue_size < 1:
+            raise ValueError(f"{prefix}.queue_size: {self.queue_size!r} must be an integer >= 1")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"{prefix}.momentum: {self.momentum} must be within [0, 1)")
+        if self.layout not in EMA_HEAD_LAYOUTS:
+            raise ValueError(f"{prefix}.layout: {self.layout!r} is not one of {', '.join(EMA_HEAD_LAYOUTS)}")
+        if self.eval_network not in EVAL_NETWORKS:
+            raise ValueError(f"{prefix}.eval_network: {self.eval_network!r} is not one of {', '.join(EVAL_NETWORKS)}")
+        _check_margin(self.margin, prefix)
+
+
+@dataclass
+class F2cConfig:
+    """F2C options, read from `head.extra` of an `f2c` head (official values as defaults).
+
+    `pool_size` K: slots of the dynamic class pool over all ranks, K >= 1.5 * (gallery rows of one
+    direction over all ranks) (checked at the first step); each rank owns about K/W slots for the
+    identities it owns. `momentum` alpha: the gallery net G is the EMA of the probe net P.
+    `margin`: ArcFace s=32, m=0.5 (`head.margin` is not used by f2c). `num_hard` h of the outlier
+    loss, 0 for the paper's clip(floor(0.0002 K), 3, 10). `eval_network`: `backbone` (the probe net,
+    as the paper does) or `ema` (the gallery net).
+    """
+
+    pool_size: int = 16384
+    momentum: float = 0.99
+    margin: MarginConfig = field(default_factory=lambda: MarginConfig(m1=1.0, m2=0.5, m3=0.0, scale=32.0))
+    num_hard: int = 0
+    eval_network: str = "backbone"
+
+    @classmethod
+    def from_extra(cls, extra: dict, prefix: str = "head.extra") -> "F2cConfig":
+        return _extra_section(cls, extra, prefix, "f2c")
+
+    @property
+    def hard_count(self) -> int:
+        return self.num_hard if self.num_hard > 0 else min(max(int(0.0002 * self.pool_size), 3), 10)
+
+    def validate(self, prefix: str = "head.extra") -> None:
+        if not isinstance(self.pool_size, int) or self.pool_size < 1:
+            raise ValueError(f"{prefix}.pool_size: {self.pool_size!r} must be an integer >= 1")
+        if not isinstance(self.num_hard, int) or self.num_hard < 0:
+            raise ValueError(f"{prefix}.num_hard: {self.num_hard!r} must be an integer >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"{prefix}.momentum: {self.momentum} must be within [0, 1)")
+        if self.eval_network not in EVAL_NETWORKS:
+            raise ValueError(f"{prefix}.eval_network: {self.eval_network!r} is not one of {', '.join(EVAL_NETWORKS)}")
+        _check_margin(self.margin, prefix)
+
+
 @dataclass
 class HeadConfig:
     type: str = "partial"
@@ -129,3 +235,7 @@ class HeadConfig:
             raise ValueError(f"{prefix}.margin.m1: {self.margin.m1} must be > 0")
         if self.type == "mutual":
             MutualConfig.from_extra(self.extra, f"{prefix}.extra")
+        if self.type in ("dcq", "f2c"):
+            (DcqConfig if self.type == "dcq" else F2cConfig).from_extra(self.extra, f"{prefix}.extra")
+            if self.margin != MarginConfig():
+                raise ValueError(f"{prefix}.margin is not used by a {self.type} head: set {prefix}.extra.margin")
