@@ -206,8 +206,8 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
 
     def chunk_logits(lo, hi):
         """logits (Bg, c) acc, cos_raw (Bg, c), target entries (rows, cols) and filtered mask."""
-        w_hat = (inp.centers[lo:hi].to(acc) * c_norm_inv[lo:hi][:, None]).to(compute_dtype)  # (c, D)
-        raw = (x_hat_c @ w_hat.t()).to(acc)
+        w = inp.centers[lo:hi].to(compute_dtype)                                   # (c, D), no copy if same
+        raw = (x_hat_c @ w.t()).to(acc).mul_(c_norm_inv[lo:hi][None, :])          # (Bg, c) cosines
         cos = raw.clamp(-1.0, 1.0)
         in_chunk = has_target & (target_col >= lo) & (target_col < hi)
         t_rows = rows_all[in_chunk]
@@ -222,11 +222,11 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             same = inp.row_labels[:, None] == inp.column_labels[lo:hi][None, :]
             same[t_rows, t_cols] = False
             logits = logits.masked_fill(same, float("-inf"))
-        return logits, raw, t_rows, t_cols, filtered, w_hat
+        return logits, raw, t_rows, t_cols, filtered, w
 
     # pass 1: online max / sum-exp; target logits from the owning chunk
     for i, (lo, hi) in enumerate(chunks):
-        logits, raw, t_rows, t_cols, filtered, w_hat = chunk_logits(lo, hi)
+        logits, raw, t_rows, t_cols, filtered, w = chunk_logits(lo, hi)
         if t_rows.numel():
             cos_t = raw[t_rows, t_cols].clamp(-1.0, 1.0)
             psi, dpsi = margin.target(cos_t)
@@ -246,7 +246,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
         row_max = new_max
         if i == len(chunks) - 1 and need_grad:
-            kept = (logits, raw, t_rows, t_cols, filtered, w_hat)
+            kept = (logits, raw, t_rows, t_cols, filtered, w)
 
     global_max = all_reduce_(row_max.clone(), group, op=dist.ReduceOp.MAX)
     global_sum = all_reduce_(row_sum * torch.exp(row_max - global_max), group)
@@ -279,10 +279,10 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     grad_centers = torch.empty(inp.centers.shape, dtype=acc, device=device)  # (A, D)
     for lo, hi in reversed(chunks):
         if kept is not None:
-            logits, raw, t_rows, t_cols, filtered, w_hat = kept
+            logits, raw, t_rows, t_cols, filtered, w = kept
             kept = None
         else:
-            logits, raw, t_rows, t_cols, filtered, w_hat = chunk_logits(lo, hi)
+            logits, raw, t_rows, t_cols, filtered, w = chunk_logits(lo, hi)
             if t_rows.numel():
                 logits[t_rows, t_cols] = target_logit[t_rows]
         prob = torch.exp(logits - global_max[:, None]) * inv_sum[:, None]   # (Bg, c)
@@ -297,13 +297,14 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         if filtered is not None:
             inside &= ~filtered
         grad_cos = grad_cos * inside
-        g_c = grad_cos.to(compute_dtype)
-        grad_x_hat += (g_c @ w_hat).to(acc)
-        # raw_ij = x_hat_i . w_hat_j: d w_hat_j = sum_i g_ij x_hat_i, then through the normalisation
-        g_w_hat = (g_c.t() @ x_hat_c).to(acc)                               # (c, D)
-        w_hat_acc = w_hat.to(acc)
-        radial = (w_hat_acc * g_w_hat).sum(1, keepdim=True)
-        grad_centers[lo:hi] = (g_w_hat - w_hat_acc * radial) * c_norm_inv[lo:hi][:, None]
+        # raw_ij = x_hat_i . w_j * inv_j. d x_hat_i = sum_j g_ij inv_j w_j; with
+        # u_j = sum_i g_ij x_hat_i: d w_j = inv_j * u_j - w_j * inv_j^3 * (w_j . u_j)
+        inv = c_norm_inv[lo:hi]
+        grad_x_hat += ((grad_cos * inv[None, :]).to(compute_dtype) @ w).to(acc)
+        u = (grad_cos.to(compute_dtype).t() @ x_hat_c).to(acc)                     # (c, D)
+        w_acc = w.to(acc)
+        radial = (w_acc * u).sum(1, keepdim=True) * (inv * inv * inv)[:, None]
+        grad_centers[lo:hi] = u * inv[:, None] - w_acc * radial
     grad_row = None
     if row_mask.any():
         p_row = torch.exp(target_logit - global_max) * inv_sum

@@ -83,6 +83,22 @@ def reference_for(results, X, W, Y, margin):
                                 grad=margin["grad"], tau=margin.get("tau", 0.0)), active
 
 
+def assert_close_in_norm(actual, expected, rel):
+    err = float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+    assert err <= rel, f"relative error {err:.2e} in norm exceeds {rel:.0e}"
+
+
+def assert_matches_bf16(results, X, W, Y, margin, batch, rel=5e-2):
+    """bf16 GEMMs round embeddings and centers to 8 mantissa bits (2^-9 relative): cosines move by
+    ~1e-3 and the GEMM output is rounded to bf16 too; the softmax math is float32. With s = 8 and
+    few classes the probabilities move by a few percent: we accept 5% relative error in norm."""
+    (loss, dX, dW), _ = reference_for(results, X, W, Y, margin)
+    for r, res in enumerate(results):
+        assert_close_in_norm(res["loss"], loss, rel)
+        assert_close_in_norm(res["grad_x"], dX[r * batch:(r + 1) * batch], rel)
+    assert_close_in_norm(torch.cat([res["grad_centers"] for res in results]), dW, rel)
+
+
 def assert_matches(results, X, W, Y, margin, batch, rtol, atol):
     (loss, dX, dW), active = reference_for(results, X, W, Y, margin)
     for r, res in enumerate(results):
@@ -105,8 +121,7 @@ def test_heads_match_dense_float64_reference_uneven_shards(spawn_ranks, world, n
         if name == "fp32":
             assert_matches(results, X, W, Y, margin, batch, rtol=1e-5, atol=1e-6)
         elif name == "bf16":
-            # bf16 GEMMs (8-bit mantissa) with float32 softmax: ~1e-2 relative on logits and gradients
-            assert_matches(results, X, W, Y, margin, batch, rtol=5e-2, atol=5e-3)
+            assert_matches_bf16(results, X, W, Y, margin, batch)
         else:
             assert_matches(results, X, W, Y, margin, batch, rtol=1e-10, atol=1e-12)
     # chunk-size invariance: chunks of 1, an odd size and everything at once agree to rounding
