@@ -280,7 +280,7 @@ class IdentityRenderer:
         theta, strength, brightness = uniform(0, 2 * math.pi), uniform(0.1, 0.55), uniform(0.65, 1.3)
         gain = (brightness * strength * math.cos(theta)) * _XX + (brightness * strength * math.sin(theta)) * _YY
         gain += brightness
-        cast = np.array([uniform(0.85, 1.15) for _ in range(3)], dtype=np.float32)
+        cast = np.array([uniform(0.94, 1.06) for _ in range(3)], dtype=np.float32)
         out *= gain[:, :, None] * cast
         out += _noise(self.seed, next(u), next(u), next(u)) * uniform(0, 10)
         np.clip(out, 0, 255, out=out)
