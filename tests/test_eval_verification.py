@@ -245,21 +245,31 @@ def test_embeddings_are_the_sum_over_image_and_mirror_and_batches_do_not_matter(
     np.testing.assert_allclose(embed_images(model, images, batch_size=7), got, rtol=1e-5, atol=1e-5)
 
 
-def _embed_on_ranks(state, images):
+def _embed_on_ranks(state, images, bin_path):
     torch.set_num_threads(1)
     torch.manual_seed(0)
     from models import build_backbone
     model = build_backbone("tiny", embedding_size=16).eval()
-    return embed_images(model, images, batch_size=2, group=state.data_group)
+    emb = embed_images(model, images, batch_size=2, group=state.data_group)
+    hooks = {mode: VerificationHook([bin_path], every_n_steps=5, batch_size=4, all_ranks=mode)
+             for mode in (True, False)}
+    results = {mode: hook.maybe_run(5, model, state) for mode, hook in hooks.items()}
+    return emb, results, hooks[False].last_was_best
 
 
-def test_embeddings_split_over_ranks_equal_the_single_process_result(spawn_ranks):
+def test_embeddings_and_hook_split_over_ranks_equal_the_single_process_result(spawn_ranks, tmp_path):
     images = random_faces(5, seed=4)              # slices of 3 and 2 images, batches of 2
-    results = spawn_ranks(_embed_on_ranks, 2, args=(images,))
+    pairs, issame = pair_set(6)
+    write_bin(tmp_path / "v.bin", [encode(i) for i in pairs], issame)
+    results = spawn_ranks(_embed_on_ranks, 2, args=(images, str(tmp_path / "v.bin")))
     from parallel.groups import ParallelState
-    single = _embed_on_ranks(ParallelState.single("cpu"), images)
-    for r in results:
-        np.testing.assert_allclose(r, single, rtol=1e-5, atol=1e-5)
+    single, single_hook, _ = _embed_on_ranks(ParallelState.single("cpu"), images, str(tmp_path / "v.bin"))
+    assert single_hook[True] == single_hook[False] and set(single_hook[True]) == {"v"}
+    for emb, hook_results, best in results:
+        np.testing.assert_allclose(emb, single, rtol=1e-5, atol=1e-5)
+        assert hook_results[True] == pytest.approx(single_hook[True])     # every rank embeds a slice
+        assert hook_results[False] == pytest.approx(single_hook[True])    # rank 0 embeds, then shares
+        assert best is True
 
 
 # --- the training hook and the command line ----------------------------------------------------------

@@ -79,7 +79,7 @@ def embed_images(
     if num_workers > 0 and len(indices) > 0:
         loader = iter(torch.utils.data.DataLoader(
             torch.utils.data.Subset(images, list(indices)), batch_size=batch_size, num_workers=num_workers,
-            collate_fn=lambda items: np.stack(items)))
+            collate_fn=_stack))
     tracker = _Progress(stop - start, progress) if progress else None
 
     was_training = backbone.training
@@ -127,6 +127,10 @@ def embed_images(
     dist.all_gather(gathered, padded, group=group)
     rows = [g[: max(0, min(per_rank, n - r * per_rank))] for r, g in enumerate(gathered)]
     return torch.cat(rows).cpu().numpy()
+
+
+def _stack(items) -> np.ndarray:
+    return np.stack(items)
 
 
 def _image_hw(images) -> tuple[int, int]:
