@@ -10,6 +10,12 @@ The update is SGD with momentum and weight decay (torch.optim.SGD's formula) in 
   bit-for-bit as it was. No dense (count, D) gradient is ever allocated.
 - `dense`: momentum and weight decay apply to every row, the gradient being zero off the active
   rows (arcface_torch v2, whose full-size gradient feeds torch.optim.SGD).
+
+Storage can be leaner than float32 (for tens of millions of classes):
+- rows in bfloat16: the update is computed in float32 and written back with stochastic rounding
+  (unbiased: E[round(w)] = w, so small updates are not lost) or round-to-nearest;
+- momentum in bfloat16, or int8 with one float32 absmax scale per row.
+Rows are read and written in blocks of `UPDATE_BLOCK` so no transient copy of the shard exists.
 """
 from __future__ import annotations
 
@@ -18,10 +24,11 @@ from torch import nn
 
 from parallel.sharding import ClassShard
 
-INIT_BLOCK = 1 << 16  # classes per seeded block of initial rows
+INIT_BLOCK = 1 << 16    # classes per seeded block of initial rows
+UPDATE_BLOCK = 1 << 15  # rows per block of an optimizer step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64}
+          "float64": torch.float64, "int8": torch.int8}
 
 
 def initial_rows(start: int, count: int, dim: int, std: float, seed: int,
@@ -38,48 +45,130 @@ def initial_rows(start: int, count: int, dim: int, std: float, seed: int,
     return out
 
 
+def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """float32 -> bfloat16, stochastically rounded when a generator is given (unbiased), else nearest."""
+    if generator is None:
+        return x.to(torch.bfloat16)
+    x = x.contiguous()
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.view(torch.int32) + noise) & -65536   # add below the bf16 mantissa, then truncate
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
+class RowStore:
+    """A view of (count, D) stored rows (float32, float64, bfloat16, or int8 with a per-row float32
+    absmax scale), read and written as float32/float64 blocks."""
+
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor | None, math_dtype: torch.dtype):
+        self.data, self.scale, self.math_dtype = data, scale, math_dtype
+
+    def read(self, index: torch.Tensor | None) -> torch.Tensor:
+        """A fresh tensor of the rows (all rows if index is None)."""
+        data = self.data if index is None else self.data.index_select(0, index)
+        if self.scale is None:
+            if data.dtype != self.math_dtype:
+                return data.to(self.math_dtype)
+            return data.clone() if index is None else data
+        scale = self.scale if index is None else self.scale.index_select(0, index)
+        return data.to(self.math_dtype) * (scale / 127.0)[:, None]
+
+    def write(self, index: torch.Tensor | None, values: torch.Tensor, generator: torch.Generator | None) -> None:
+        scale = None
+        if self.scale is not None:
+            scale = values.abs().amax(dim=1).clamp_min(1e-30).float()
+            data = torch.round(values * (127.0 / scale)[:, None]).to(torch.int8)
+        elif self.data.dtype == torch.bfloat16 and values.dtype == torch.float32:
+            data = round_to_bfloat16(values, generator)
+        else:
+            data = values.to(self.data.dtype)
+        if index is None:
+            self.data.copy_(data)
+            if scale is not None:
+                self.scale.copy_(scale)
+        else:
+            self.data.index_copy_(0, index, data)
+            if scale is not None:
+                self.scale.index_copy_(0, index, scale)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + (0 if self.scale is None else self.scale.numel() * 4)
+
+
 class CenterBank(nn.Module):
     """This rank's rows of the class-center matrix and their momentum (buffers: the engine's
     optimizers and data-parallel wrappers never see them)."""
 
     def __init__(self, shard: ClassShard, dim: int, *, init_std: float = 0.01, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 momentum_dtype: torch.dtype | None = None, rounding: str = "stochastic"):
         super().__init__()
         self.shard = shard
         self.dim = dim
+        self.math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer("weight", initial_rows(shard.start, shard.count, dim, init_std, seed, dtype).to(device))
-        self.register_buffer("momentum", torch.zeros(shard.count, dim, dtype=dtype, device=device))
+        momentum_dtype = momentum_dtype or dtype
+        self.register_buffer("momentum", torch.zeros(shard.count, dim, dtype=momentum_dtype, device=device))
+        self.register_buffer("momentum_scale", torch.zeros(shard.count, dtype=torch.float32, device=device)
+                             if momentum_dtype == torch.int8 else None)
+        self.rounding_generator = (torch.Generator(device=device).manual_seed(seed * 7 + 1 + shard.rank)
+                                   if rounding == "stochastic" else None)
+
+    @property
+    def weights(self) -> RowStore:
+        return RowStore(self.weight, None, self.math_dtype)
+
+    @property
+    def momenta(self) -> RowStore:
+        return RowStore(self.momentum, self.momentum_scale, self.math_dtype)
 
     @property
     def num_rows(self) -> int:
         return self.shard.count
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of rows plus optimizer state on this rank."""
+        return self.weights.nbytes + self.momenta.nbytes
+
     def rows(self, index: torch.Tensor | None) -> torch.Tensor:
-        """The active rows as a fresh tensor (A, D); index None means all rows."""
-        return self.weight.clone() if index is None else self.weight.index_select(0, index)
+        """The active rows as a fresh float32 (float64) tensor (A, D); index None means all rows."""
+        return self.weights.read(index)
+
+    def momentum_rows(self, index: torch.Tensor | None) -> torch.Tensor:
+        return self.momenta.read(index)
 
     @torch.no_grad()
     def sgd_step(self, index: torch.Tensor | None, grad: torch.Tensor, *, lr: float, momentum: float,
                  weight_decay: float, update: str = "sparse") -> None:
-        """One SGD step. `index (A,)` unique local rows (None: all rows), `grad (A, D)` their gradient."""
-        w, m = self.weight, self.momentum
-        if update == "dense":
-            m.mul_(momentum).add_(w, alpha=weight_decay)
-            if index is None:
-                m.add_(grad.to(m.dtype))
-            else:
-                m.index_add_(0, index, grad.to(m.dtype))
-            w.add_(m, alpha=-lr)
-            return
-        if update != "sparse":
+        """One SGD step. `index (A,)` unique local rows (None: all rows), `grad (A, D)` their gradient.
+
+        torch.optim.SGD's formula per row: m = momentum * m + (g + weight_decay * w); w = w - lr * m.
+        """
+        if update not in ("sparse", "dense"):
             raise ValueError(f"update must be 'sparse' or 'dense', got {update!r}")
-        if index is None:
-            d_p = grad.to(w.dtype) + weight_decay * w
-            m.mul_(momentum).add_(d_p)
-            w.add_(m, alpha=-lr)
+        if update == "dense" and index is not None:
+            # every row decays; active rows also get their gradient
+            order = torch.argsort(index)
+            index, grad = index[order], grad[order]
+            for lo in range(0, self.num_rows, UPDATE_BLOCK):
+                hi = min(self.num_rows, lo + UPDATE_BLOCK)
+                rows = torch.arange(lo, hi, device=self.weight.device)
+                g = torch.zeros(hi - lo, self.dim, dtype=self.math_dtype, device=self.weight.device)
+                a, b = torch.searchsorted(index, torch.tensor([lo, hi], device=index.device)).tolist()
+                g.index_add_(0, index[a:b] - lo, grad[a:b].to(self.math_dtype))
+                self._update_rows(rows, g, lr, momentum, weight_decay)
             return
-        w_rows = w.index_select(0, index)
-        d_p = grad.to(w.dtype).add(w_rows, alpha=weight_decay)
-        m_rows = m.index_select(0, index).mul_(momentum).add_(d_p)
-        m.index_copy_(0, index, m_rows)
-        w.index_copy_(0, index, w_rows.sub_(m_rows, alpha=lr))
+        if index is None:
+            index = torch.arange(self.num_rows, device=self.weight.device)
+        for lo in range(0, index.numel(), UPDATE_BLOCK):
+            self._update_rows(index[lo:lo + UPDATE_BLOCK], grad[lo:lo + UPDATE_BLOCK].to(self.math_dtype),
+                              lr, momentum, weight_decay)
+
+    def _update_rows(self, rows, grad, lr, momentum, weight_decay):
+        weights, momenta = self.weights, self.momenta
+        w = weights.read(rows)
+        d_p = grad.add(w, alpha=weight_decay)
+        m = momenta.read(rows).mul_(momentum).add_(d_p)
+        momenta.write(rows, m, None)
+        weights.write(rows, w.sub_(m, alpha=lr), self.rounding_generator)

@@ -8,6 +8,8 @@ MARGIN_GRADS = ("exact", "straight_through")
 UPDATE_MODES = ("sparse", "dense")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16", "float64")
 STORAGE_DTYPES = ("float32", "bfloat16", "float64")
+MOMENTUM_DTYPES = ("float32", "bfloat16", "int8", "float64")
+ROUNDINGS = ("stochastic", "nearest")
 
 
 @dataclass
@@ -33,6 +35,8 @@ class OptimizerConfig:
     (their momentum included); `dense` applies momentum and weight decay to every row (arcface_torch v2)."""
 
     momentum: float = 0.9
+    momentum_dtype: str = "float32"     # float32 | bfloat16 | int8 (per-row absmax scale)
+    rounding: str = "stochastic"        # how updated rows are written back into bfloat16 storage
     weight_decay: float = 5e-4
     update: str = "sparse"
 
@@ -143,7 +147,9 @@ class DcqConfig:
     """
 
     queue_size: int = 8192
-    momentum: float = 0.999
+    momentum: float = 0.9
+    momentum_dtype: str = "float32"     # float32 | bfloat16 | int8 (per-row absmax scale)
+    rounding: str = "stochastic"        # how updated rows are written back into bfloat16 storage99
     margin: MarginConfig = field(default_factory=lambda: MarginConfig(m1=1.0, m2=0.0, m3=0.3, scale=50.0))
     layout: str = "sharded"
     eval_network: str = "ema"
@@ -177,7 +183,9 @@ class F2cConfig:
     """
 
     pool_size: int = 16384
-    momentum: float = 0.99
+    momentum: float = 0.9
+    momentum_dtype: str = "float32"     # float32 | bfloat16 | int8 (per-row absmax scale)
+    rounding: str = "stochastic"        # how updated rows are written back into bfloat16 storage9
     margin: MarginConfig = field(default_factory=lambda: MarginConfig(m1=1.0, m2=0.5, m3=0.0, scale=32.0))
     num_hard: int = 0
     eval_network: str = "backbone"
@@ -225,6 +233,8 @@ class HeadConfig:
         check("optimizer.update", self.optimizer.update, UPDATE_MODES)
         check("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         check("storage_dtype", self.storage_dtype, STORAGE_DTYPES)
+        check("optimizer.momentum_dtype", self.optimizer.momentum_dtype, MOMENTUM_DTYPES)
+        check("optimizer.rounding", self.optimizer.rounding, ROUNDINGS)
         if not 0.0 <= self.sample_rate <= 1.0:
             raise ValueError(f"{prefix}.sample_rate: {self.sample_rate} must be within [0, 1]")
         if self.chunk_size < 1:

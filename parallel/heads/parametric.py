@@ -41,7 +41,10 @@ class ParametricHead(Head):
             raise ValueError(f"{num_classes} classes cannot be split over {state.head_world} ranks: "
                              f"rank {state.head_rank} would own none")
         self.bank = CenterBank(self.shard, embedding_size, init_std=cfg.init_std, seed=cfg.seed,
-                               dtype=DTYPES[cfg.storage_dtype], device=state.device)
+                               dtype=DTYPES[cfg.storage_dtype], device=state.device,
+                               momentum_dtype=(DTYPES[cfg.optimizer.momentum_dtype]
+                                               if cfg.storage_dtype != "float64" else torch.float64),
+                               rounding=cfg.optimizer.rounding)
         self.margin = Margin.from_config(cfg.margin)
         self.compute_dtype = DTYPES[cfg.compute_dtype]
         # per-rank stream: negatives differ across ranks and are reproducible from the seed
