@@ -2,6 +2,9 @@
 rank (or group None) every function returns its input. Buffers are allocated on the input's device."""
 from __future__ import annotations
 
+import contextlib
+from collections import Counter
+
 import torch
 import torch.distributed as dist
 
@@ -12,12 +15,46 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+class CommBytes:
+    """Bytes each rank sends into collectives, by operation, while a `count_comm_bytes()` block runs
+    (all-gather/reduce-scatter/all-reduce payloads as seen by this rank, i.e. the input size)."""
+
+    def __init__(self):
+        self.by_op: Counter = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_op.values())
+
+    def add(self, op: str, tensor: torch.Tensor) -> None:
+        self.by_op[op] += tensor.numel() * tensor.element_size()
+
+
+_active_counters: list[CommBytes] = []
+
+
+@contextlib.contextmanager
+def count_comm_bytes():
+    counter = CommBytes()
+    _active_counters.append(counter)
+    try:
+        yield counter
+    finally:
+        _active_counters.remove(counter)
+
+
+def _record(op: str, tensor: torch.Tensor) -> None:
+    for counter in _active_counters:
+        counter.add(op, tensor)
+
+
 def all_gather_rows(x: torch.Tensor, group) -> torch.Tensor:
     """(B, ...) on every rank -> (W*B, ...) in rank order. No autograd. B must match across ranks."""
     world = group_size(group)
     if world == 1:
         return x
     x = x.contiguous()
+    _record("all_gather", x)
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(out, x, group=group)
     return out
@@ -29,6 +66,7 @@ def reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
     if world == 1:
         return x
     x = x.contiguous()
+    _record("reduce_scatter", x)
     out = torch.empty((x.shape[0] // world,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _reduce_scatter_single(out, x, op=dist.ReduceOp.SUM, group=group)
     return out
@@ -37,6 +75,7 @@ def reduce_scatter_rows(x: torch.Tensor, group) -> torch.Tensor:
 def all_reduce_(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce (no autograd); returns x."""
     if group_size(group) > 1:
+        _record("all_reduce", x)
         dist.all_reduce(x, op=op, group=group)
     return x
 

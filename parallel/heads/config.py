@@ -147,9 +147,7 @@ class DcqConfig:
     """
 
     queue_size: int = 8192
-    momentum: float = 0.9
-    momentum_dtype: str = "float32"     # float32 | bfloat16 | int8 (per-row absmax scale)
-    rounding: str = "stochastic"        # how updated rows are written back into bfloat16 storage99
+    momentum: float = 0.999
     margin: MarginConfig = field(default_factory=lambda: MarginConfig(m1=1.0, m2=0.0, m3=0.3, scale=50.0))
     layout: str = "sharded"
     eval_network: str = "ema"
@@ -183,9 +181,7 @@ class F2cConfig:
     """
 
     pool_size: int = 16384
-    momentum: float = 0.9
-    momentum_dtype: str = "float32"     # float32 | bfloat16 | int8 (per-row absmax scale)
-    rounding: str = "stochastic"        # how updated rows are written back into bfloat16 storage9
+    momentum: float = 0.99
     margin: MarginConfig = field(default_factory=lambda: MarginConfig(m1=1.0, m2=0.5, m3=0.0, scale=32.0))
     num_hard: int = 0
     eval_network: str = "backbone"
