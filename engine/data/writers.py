@@ -102,7 +102,7 @@ class ShardResult:
 
 
 class SampleSource:
-    """Turns one ShardTask into samples. Subclasses are picklable (they travel to the pool)."""
+    """Turns one ShardTask into samples. Forked pool workers inherit it (it is never pickled per task)."""
 
     description = "source"
 
@@ -159,10 +159,10 @@ def write_shards(source: SampleSource, tasks: list[ShardTask], out_dir: str, *, 
     results: list[ShardResult] = []
     bar = tqdm(total=total_images, unit="img", desc=f"writing {prefix} shards", disable=not progress,
                smoothing=0.1, dynamic_ncols=True)
+    pool = None
     try:
         if workers <= 1 or len(jobs) <= 1:
             iterator = map(_write_one, jobs)
-            pool = None
         else:
             pool = mp.get_context("fork").Pool(min(workers, len(jobs)))
             iterator = pool.imap_unordered(_write_one, jobs)
