@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from engine.config import Config, ConfigError, save_config
 from engine.distributed_backbone import DistributedBackbone, deepspeed_available, set_cpu_threads
+from engine.head_inputs import HeadInputs
 from engine.metrics import TrainMetrics
 from engine.schedules import build_schedule
 from parallel.groups import ParallelState, init_parallel
@@ -134,13 +135,16 @@ class Trainer:
         module = build_backbone(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **cfg.model.options)
         self.backbone = DistributedBackbone(module, cfg, state)
         self.head = build_head(cfg.head, state, self.num_classes, cfg.model.embedding_size)
+        # what the head needs beyond (x, labels): its sampling mode, a momentum encoder (engine/head_inputs.py)
+        self.inputs = HeadInputs(self.head, self.backbone, template_factory=lambda: build_backbone(
+            cfg.model.backbone, embedding_size=cfg.model.embedding_size, **cfg.model.options))
 
         per_step = cfg.data.batch_size * data_world * cfg.optim.grad_accum     # global batch per step
         self.global_batch = per_step
         self.steps_per_epoch = max(1, self.num_images // per_step)
         self.schedule = build_schedule(cfg.schedule, cfg.optim.lr, self.steps_per_epoch)
         self.total_steps = self.schedule.total_steps
-        self.loader = self._build_loader()
+        self.loader = self.inputs.build_loader(self._build_loader, cfg.data.mode)
 
         self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(cfg.output_dir, "checkpoint")
         self.eval_hook = self._build_eval_hook()
@@ -190,7 +194,7 @@ class Trainer:
         manifest = load_manifest(cfg.data.manifest or data_dir)
         return data_dir, manifest
 
-    def _build_loader(self):
+    def _build_loader(self, mode: str | None = None):
         from engine.data import build_loader
 
         cfg = self.cfg
@@ -200,7 +204,7 @@ class Trainer:
                             seed=cfg.seed, resampled=cfg.data.resampled,
                             batches_per_epoch=(self.steps_per_epoch * cfg.optim.grad_accum
                                                if cfg.data.resampled else None),
-                            shuffle_buffer=cfg.data.shuffle_buffer, mode=cfg.data.mode)
+                            shuffle_buffer=cfg.data.shuffle_buffer, mode=mode or cfg.data.mode)
 
     def _build_eval_hook(self):
         bins = list(self.cfg.eval.bins)
@@ -254,14 +258,14 @@ class Trainer:
         losses, active, samples = [], [], 0
         self.backbone.train(True)
         self.head.train(True)
-        for _ in range(cfg.optim.grad_accum):
+        for micro in range(cfg.optim.grad_accum):
             t0 = time.perf_counter()
-            images, labels = next(batches)[:2]
+            item = next(batches)
             t1 = time.perf_counter()
-            x = self.backbone.forward(images)                       # (B, D) float32
+            x, labels, extra, num_images = self.inputs.forward(item, first=micro == 0)   # x (B, D) float32
             _sync(device)
             t2 = time.perf_counter()
-            out = self.head(x, labels.to(device, non_blocking=True))
+            out = self.head(x, labels, extra)
             _sync(device)
             t3 = time.perf_counter()
             loss = float(out.loss.detach())
@@ -276,7 +280,7 @@ class Trainer:
             t["head_forward"] += t3 - t2
             t["backward"] += t4 - t3
             losses.append(loss)
-            samples += images.shape[0]
+            samples += num_images
             if "active_classes" in out.stats:
                 active.append(float(out.stats["active_classes"]))
 
@@ -358,7 +362,7 @@ class Trainer:
         if hook is None or not hook.due(self.step, final):
             return None
         self.backbone.train(False)
-        with self.backbone.gathered() as module:
+        with self.inputs.eval_module() as module:
             res = hook.maybe_run(self.step, module, self.state, final=final)
         self.backbone.train(True)
         if res is not None and self.is_main:
