@@ -259,7 +259,7 @@ def _embed_on_ranks(state, images, bin_path):
 
 def test_embeddings_and_hook_split_over_ranks_equal_the_single_process_result(spawn_ranks, tmp_path):
     images = random_faces(5, seed=4)              # slices of 3 and 2 images, batches of 2
-    pairs, issame = pair_set(6)
+    pairs, issame = pair_set(20)
     write_bin(tmp_path / "v.bin", [encode(i) for i in pairs], issame)
     results = spawn_ranks(_embed_on_ranks, 2, args=(images, str(tmp_path / "v.bin")))
     from parallel.groups import ParallelState

@@ -128,8 +128,7 @@ def test_export_command_writes_weights_and_a_checked_onnx_model(deepspeed_checkp
     out, expected = deepspeed_checkpoints
     cmd = [sys.executable, os.path.join(ROOT, "tools", "export_onnx.py"), "--checkpoint",
            os.path.join(out, "zero3"), "--backbone", "tiny", "--embedding-size", "16",
-           "--weights-out", str(tmp_path / "backbone.pt"), "--output", str(tmp_path / "tiny.onnx"),
-           "--exporter", "dynamo"]          # the alternative exporter; the default is covered below
+           "--weights-out", str(tmp_path / "backbone.pt"), "--output", str(tmp_path / "tiny.onnx")]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu"))
     assert run.returncode == 0, run.stderr
@@ -158,32 +157,37 @@ def calibrated(name, **options):
 
 SLOW = pytest.mark.skipif(not os.environ.get("SHARDFACE_SLOW_TESTS"),
                           reason="full-size export; set SHARDFACE_SLOW_TESTS=1 to run")
-# every registered backbone; the quick ones are the smallest of each family (tiny for the iresnets,
-# mbf, vit_t at reduced depth through the registry's `depth` option)
-ONNX_CASES = [
-    ("tiny", {}), ("mbf", {}), ("vit_t", {"depth": 2}),
-    pytest.param("r18", {}, marks=SLOW), pytest.param("r34", {}, marks=SLOW),
-    pytest.param("r50", {}, marks=SLOW), pytest.param("r100", {}, marks=SLOW),
-    pytest.param("r200", {}, marks=SLOW), pytest.param("mbf_large", {}, marks=SLOW),
-    pytest.param("vit_t", {}, marks=SLOW), pytest.param("vit_s", {}, marks=SLOW),
-    pytest.param("vit_b", {}, marks=SLOW),
-]
+# every registered backbone with both exporters; without SHARDFACE_SLOW_TESTS only the default exporter
+# on the smallest of each family (tiny for the iresnets, mbf, vit_t at reduced depth through the
+# registry's `depth` option)
+QUICK = [("tiny", {}), ("mbf", {}), ("vit_t", {"depth": 2})]
+FULL = [(n, {}) for n in ("r18", "r34", "r50", "r100", "r200", "mbf_large", "vit_t", "vit_s", "vit_b")]
+
+
+def _case(name, options, exporter, slow):
+    label = "-".join([name] + [f"{k}{v}" for k, v in options.items()] + [exporter])
+    return pytest.param(name, options, exporter, marks=[SLOW] if slow else [], id=label)
+
+
+ONNX_CASES = ([_case(n, o, "torchscript", False) for n, o in QUICK]
+              + [_case(n, o, "torchscript", True) for n, o in FULL]
+              + [_case(n, o, "dynamo", True) for n, o in QUICK + FULL])
 
 
 def test_onnx_cases_cover_every_registered_backbone():
     from models import list_backbones
 
-    names = {c.values[0] if hasattr(c, "values") else c[0] for c in ONNX_CASES}
-    assert names == set(list_backbones())
+    for exporter in ("torchscript", "dynamo"):
+        assert {c.values[0] for c in ONNX_CASES if c.values[2] == exporter} == set(list_backbones())
 
 
-@pytest.mark.parametrize("name,options", ONNX_CASES)
-def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path, name, options):
+@pytest.mark.parametrize("name,options,exporter", ONNX_CASES)
+def test_onnx_export_matches_pytorch_with_a_dynamic_batch(tmp_path, name, options, exporter):
     import onnx
 
     model = calibrated(name, **options)
     path = str(tmp_path / f"{name}.onnx")
-    report = export_onnx(model, path, check_batch_sizes=(2, 3))
+    report = export_onnx(model, path, exporter=exporter, check_batch_sizes=(2, 3))
     assert report.max_abs_diff <= 1e-4 and report.max_abs_diff_normalized <= 1e-4
     assert 0.1 < report.output_scale < 100               # a meaningful absolute comparison
     assert os.listdir(tmp_path) == [f"{name}.onnx"]       # self-contained: no external data file
