@@ -13,6 +13,8 @@ What is averaged: every floating-point parameter and buffer (BatchNorm running s
 included); integer buffers (`num_batches_tracked`) are copied. The EMA network runs in eval mode, so
 its BatchNorm layers use the averaged running statistics and its forward changes nothing. The copy
 is kept in float32 whatever the training precision (bf16/fp16 weights are averaged into float32).
+Parameters are identical on every data-parallel rank, so their EMA is too; BatchNorm statistics are
+per rank (DeepSpeed does not synchronise buffers), and so are their averages.
 
 DeepSpeed ZeRO: stages 0-2 keep full parameters on every rank, so `update` reads them directly.
 Under ZeRO-3 each rank holds only a partition of every parameter; pass the backbone's `gathered`
