@@ -133,7 +133,7 @@ def _train_one_step(state, cfg, net_state, head_w, images, labels):
         x = backbone.forward(images[lo:lo + b])
         out = head(x, labels[lo:lo + b])
         backbone.backward(out.loss)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     result = backbone.step(cfg.optim.lr)
     assert result.applied
     head.step(cfg.optim.lr, grad_scale=1.0 / result.loss_scale)
@@ -174,26 +174,49 @@ def _moved(setups, seed, world):
     return max(float((ref_net[k] - net_state[k]).abs().max()) for k in net_state)
 
 
-def test_deepspeed_zero1_zero2_with_and_without_offload_match_single_process_step(spawn_ranks):
-    setups = [
-        _cfg(ds="zero1"),
-        _cfg(ds="zero2"),
-        _cfg(ds="zero2_offload"),                      # SGD on the offloaded fp32 partitions
-        _cfg(ds="zero2_offload", stage=1),             # ZeRO-1 + offload
-        _cfg(ds="zero2", clip=0.05),                   # backbone global-norm clipping across partitions
-    ]
-    results = spawn_ranks(_run_setups, 2, args=(setups, 1), timeout=240)
-    assert all(r[0]["kind"] == "deepspeed" for r in results)
-    assert _moved(setups, 1, 2) > 1e-3
-    _assert_matches_reference(results, setups, 1, 2)
+@pytest.fixture(scope="module")
+def cpu_adam_built():
+    """Builds (first time on a machine, about a minute; cached under TORCH_EXTENSIONS_DIR, by default
+    ~/.cache/torch_extensions) or loads DeepSpeedCPUAdam's op in this process, so that the ranks only
+    load it and never race to build it."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    CPUAdamBuilder().load()
 
 
-def test_gradient_accumulation_equals_one_step_on_the_larger_batch(spawn_ranks):
+SEED = 1
+ZERO_SETUPS = [
+    _cfg(ds="zero1"),
+    _cfg(ds="zero2"),
+    _cfg(ds="zero2_offload"),                      # SGD on the offloaded fp32 partitions
+    _cfg(ds="zero2_offload", stage=1),             # ZeRO-1 + offload
+    _cfg(ds="zero2", clip=0.05),                   # backbone global-norm clipping across partitions
+    _cfg(ds="zero2_offload", optimizer="adamw"),   # DeepSpeedCPUAdam (JIT-built once per machine)
+    _cfg(ds="zero3"),
+]
+ACCUMULATION_SETUPS = [_cfg(ds="zero2", grad_accum=3), _cfg(engine="ddp", grad_accum=3), _cfg(engine="ddp")]
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(cpu_adam_built):
+    """Every setup trained for one step on 2 gloo ranks, in one spawn (DeepSpeed's import is paid once)."""
+    from multirank import run_ranks
+
+    return run_ranks(_run_setups, 2, args=(ZERO_SETUPS + ACCUMULATION_SETUPS, SEED), timeout=300)
+
+
+def test_deepspeed_zero123_with_and_without_offload_match_single_process_step(two_rank_results):
+    results = [r[:len(ZERO_SETUPS)] for r in two_rank_results]
+    assert all(r["kind"] == "deepspeed" for r in results[0])
+    assert _moved(ZERO_SETUPS, SEED, 2) > 1e-3
+    _assert_matches_reference(results, ZERO_SETUPS, SEED, 2)
+
+
+def test_gradient_accumulation_equals_one_step_on_the_larger_batch(two_rank_results):
     """k=3 micro-batches of 2 per rank (DeepSpeed ZeRO-2 and DDP) == one step on 12 samples."""
-    setups = [_cfg(ds="zero2", grad_accum=3), _cfg(engine="ddp", grad_accum=3), _cfg(engine="ddp")]
-    results = spawn_ranks(_run_setups, 2, args=(setups, 2), timeout=180)
+    results = [r[len(ZERO_SETUPS):] for r in two_rank_results]
     assert [r["kind"] for r in results[0]] == ["deepspeed", "ddp", "ddp"]
-    _assert_matches_reference(results, setups, 2, 2)
+    _assert_matches_reference(results, ACCUMULATION_SETUPS, SEED, 2)
 
 
 def test_accumulation_is_not_divided_twice_nor_forgotten(spawn_ranks):
