@@ -20,6 +20,7 @@ from parallel.bank import initial_rows
 from parallel.collectives import all_gather_rows, gather_batch
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.config import MarginConfig
+from parallel.heads.memory import synthetic_batch
 from parallel.heads.sampling import sample_rows
 from parallel.sharding import ClassShard
 
@@ -97,10 +98,10 @@ def _bench_rank(state, cfg: dict):
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            out = head(x, labels)
+            out = head(x, labels, synthetic_batch(head, b, gen))
             out.loss.backward()
             head.step(lr=0.1)
-            active = head.last_active.num_active
+            active = head.last_active.num_active if hasattr(head, "last_active") else head.active_columns
         t = time.perf_counter() - t0
         if it >= cfg["warmup"]:
             times.append(t)

@@ -102,6 +102,7 @@ class DcqHead(MemoryHead):
                                    compute_dtype=self.compute_dtype, row_centers=row_keys, row_center_mask=home,
                                    column_labels=column_labels, row_labels=labels_global)
         self._pending.append((keys, labels))
+        self.active_columns = centers.shape[0] + 1
         filled = all_reduce_(torch.tensor([float(column_labels.numel())], device=x.device), self.group)
         return HeadOutput(loss, {"queue_fill": filled[0] / self.queue_size})
 

@@ -142,24 +142,30 @@ class F2cHead(MemoryHead):
         return None
 
     def views(self, plan: PoolPlan, gallery: torch.Tensor):
-        """(occupied slots (A,), view 0 (A, D), view 1 (A, D)) after the plan's writes."""
-        content = self.pool.clone()                                          # (slots, 2, D)
-        last = {}
-        for row, slot, version in plan.writes:
-            last[(slot, version)] = row
-        if last:
-            idx = torch.tensor(list(last.keys()), dtype=torch.long, device=content.device)
-            rows = torch.tensor(list(last.values()), dtype=torch.long, device=content.device)
-            content[idx[:, 0], idx[:, 1]] = gallery[rows].to(content.dtype)
+        """(occupied slots (A,), view 0 (A, D), view 1 (A, D)) after the plan's writes; copies only
+        the occupied slots' rows, never the whole pool."""
         occupied = self.slot_identity >= 0
         if plan.slot_identity:
             occupied[list(plan.slot_identity)] = True
-        slots = occupied.nonzero().flatten()
-        view0 = content[slots, 0]
-        refreshed = torch.zeros(self.slots, dtype=torch.bool, device=content.device)
+        slots = occupied.nonzero().flatten()                                 # ascending
+        last = {}
+        for row, slot, version in plan.writes:
+            last[(slot, version)] = row
+        view0 = self.pool[slots, 0]                                          # (A, D) copy
+        written0 = [(slot, row) for (slot, version), row in last.items() if version == 0]
+        if written0:
+            pos = torch.searchsorted(slots, torch.tensor([w[0] for w in written0], device=slots.device))
+            view0[pos] = gallery[[w[1] for w in written0]].to(view0.dtype)
+        view1 = view0.clone()
         if plan.refreshed:
-            refreshed[list(plan.refreshed)] = True
-        view1 = torch.where(refreshed[slots][:, None], content[slots, 1], view0)
+            refreshed = sorted(plan.refreshed)
+            pos = torch.searchsorted(slots, torch.tensor(refreshed, device=slots.device))
+            view1[pos] = self.pool[refreshed, 1]
+            written1 = [(slot, row) for (slot, version), row in last.items()
+                        if version == 1 and slot in plan.refreshed]
+            if written1:
+                pos = torch.searchsorted(slots, torch.tensor([w[0] for w in written1], device=slots.device))
+                view1[pos] = gallery[[w[1] for w in written1]].to(view1.dtype)
         return slots, view0, view1
 
     # -- the step ------------------------------------------------------------------------------
@@ -202,6 +208,7 @@ class F2cHead(MemoryHead):
     def direction_loss(self, plan: PoolPlan, probes: torch.Tensor, probe_labels: torch.Tensor,
                        probe_ids: list[int], probe_mine: list[bool], gallery: torch.Tensor):
         slots, view0, view1 = self.views(plan, gallery)
+        self.active_columns = 2 * slots.numel()       # two views, each over the occupied slots
         column_of = {int(s): c for c, s in enumerate(slots.tolist())}
         target = []
         for ident, own in zip(probe_ids, probe_mine):

@@ -24,9 +24,18 @@ from parallel.heads.config import HeadConfig
 from parallel.margins import Margin
 
 
+def synthetic_batch(head, rows: int, generator: torch.Generator) -> dict | None:
+    """Random stand-ins for what `head.needs` (benchmarks): (rows, D) embeddings per key."""
+    needs = getattr(head, "needs", ())
+    if not needs:
+        return None
+    return {key: torch.randn(rows, head.embedding_size, generator=generator).to(head.device) for key in needs}
+
+
 class MemoryHead(Head):
     needs: tuple[str, ...] = ()
     sampling: str = "instance"
+    active_columns: int = 0     # softmax columns this rank used in the last forward (benchmarks, metrics)
 
     def __init__(self, cfg: HeadConfig, state: ParallelState, num_classes: int, embedding_size: int, options):
         super().__init__()
