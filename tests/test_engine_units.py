@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.config import Config, MetricsConfig
 from engine.distributed_backbone import StepResult
+from engine.head_inputs import HeadInputs
 from engine.metrics import TrainMetrics
 from engine.schedules import LRSchedule, build_schedule
 from engine.trainer import Trainer
@@ -85,6 +86,7 @@ class FakeBackbone:
     DeepSpeed's fp16 loss scaler does, and a step whose outcome the test decides."""
 
     def __init__(self, dim, loss_scale=1.0, applied=True):
+        self.state = ParallelState.single("cpu")
         torch.manual_seed(0)
         self.net = nn.Linear(12, dim)
         self.loss_scale, self.applied = loss_scale, applied
@@ -109,6 +111,8 @@ def _trainer(state, head_cfg, backbone, clip=0.0, num_classes=10, dim=6):
     cfg.optim.head_clip_grad_norm = clip
     t.cfg, t.state, t.backbone, t.step = cfg, state, backbone, 0
     t.head = build_head(head_cfg, state, num_classes, dim)
+    t.inputs = HeadInputs(t.head, backbone)
+    t.nonfinite = {"total": 0, "in_a_row": 0}
     t.schedule = LRSchedule("constant", base_lr=0.5, total_steps=10)
     return t
 
