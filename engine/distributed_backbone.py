@@ -124,9 +124,9 @@ class DistributedBackbone:
             self.kind = "ddp"
         self._micro = 0
         self._sync_ctx = None
-        # channels_last is applied to the images only: a conv with a channels_last input runs the
-        # channels_last kernels on CPU (measured as fast as converting the weights too), and DeepSpeed's
-        # parameter broadcast/flattening needs contiguous parameters.
+        # channels_last: under DeepSpeed for the images only (a conv with a channels_last input runs the
+        # channels_last kernels, measured as fast as converting the weights too, and DeepSpeed's parameter
+        # broadcast/flattening needs contiguous parameters); under DDP for the weights as well.
         module = module.to(state.device)
         if self.kind == "deepspeed":
             self._init_deepspeed(module)
@@ -144,6 +144,8 @@ class DistributedBackbone:
         self.input_dtype = PRECISION_DTYPES[self.precision]
 
     def _init_ddp(self, module):
+        if self.channels_last:   # DDP's gradient buckets follow the parameters' layout: match the grads'
+            module = module.to(memory_format=torch.channels_last)
         self.module = module
         self.optimizer = build_optimizer(module.parameters(), self.cfg.optim)
         self.model = module

@@ -166,3 +166,25 @@ def test_head_clipping_uses_the_global_norm_over_shards(spawn_ranks):
     assert total == pytest.approx(0.5 * 0.05, rel=1e-4)
     # and the single-shard norm differs from the global one, so a local norm would have failed
     assert any(math.sqrt(o["delta_sq"]) < 0.5 * 0.05 * 0.99 for o in out)
+
+
+def test_grafana_dashboard_queries_only_metrics_the_trainer_exports():
+    import json
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "configs", "grafana_dashboard.json")) as f:
+        dash = json.load(f)
+    used = set()
+    for panel in dash["panels"]:
+        for target in panel["targets"]:
+            used |= set(re.findall(r"shardface_[a-z_]+", target["expr"]))
+    m = TrainMetrics(MetricsConfig(prometheus=False, tensorboard=False), rank=0, local_rank=0, node=0,
+                     output_dir=None, total_steps=1)
+    m.record_step(1, samples=1, global_samples=1, seconds=0.1, data_wait=0.0, loss=1.0, lr=0.1,
+                  grad_norms={"backbone": 1.0, "head": 1.0}, active_classes=1)
+    exported = set()
+    for family in m.registry.collect():
+        exported |= {s.name for s in family.samples}
+    m.close()
+    assert used and used <= exported, used - exported
