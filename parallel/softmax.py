@@ -74,7 +74,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
                 top_negatives):
         need_grad = any(ctx.needs_input_grad[:3])
         loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
-                                           need_grad=need_grad, stats=stats, top_negatives=top_negatives)
+                                           need_grad=need_grad, stats=stats, top_negatives=top_negatives,
+                                           center_grad=ctx.needs_input_grad[1])
         ctx.grads = grads
         ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
         return loss
@@ -140,10 +141,11 @@ def _chunk_top_negatives(neg_cos: torch.Tensor, lo: int, k: int):
 
 def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
                          compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None,
-                         top_negatives: int = 0):
+                         top_negatives: int = 0, center_grad: bool = True):
     """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
 
-    The gradients are those of the mean loss on this rank's columns (None if not need_grad).
+    The gradients are those of the mean loss on this rank's columns (None if not need_grad; d centers
+    None if not center_grad).
     """
     x = inp.x_global
     device = x.device
@@ -276,7 +278,8 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     inv_sum = torch.where(global_sum > 0, 1.0 / global_sum, torch.zeros_like(global_sum))
     row_weight = valid / n_valid                                           # (Bg,)
     grad_x_hat = torch.zeros_like(x_hat)                                   # (Bg, D) acc
-    grad_centers = torch.empty(inp.centers.shape, dtype=acc, device=device)  # (A, D)
+    # detached columns (DCQ keys, F2C pool slots) need no gradient: skip that GEMM
+    grad_centers = torch.empty(inp.centers.shape, dtype=acc, device=device) if center_grad else None  # (A, D)
     for lo, hi in reversed(chunks):
         if kept is not None:
             logits, raw, t_rows, t_cols, filtered, w = kept
@@ -301,6 +304,8 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         # u_j = sum_i g_ij x_hat_i: d w_j = inv_j * u_j - w_j * inv_j^3 * (w_j . u_j)
         inv = c_norm_inv[lo:hi]
         grad_x_hat += ((grad_cos * inv[None, :]).to(compute_dtype) @ w).to(acc)
+        if not center_grad:
+            continue
         u = (grad_cos.to(compute_dtype).t() @ x_hat_c).to(acc)                     # (c, D)
         w_acc = w.to(acc)
         radial = (w_acc * u).sum(1, keepdim=True) * (inv * inv * inv)[:, None]
