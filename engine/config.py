@@ -119,9 +119,14 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """See engine/checkpoint.py and README "Checkpoints and resuming"."""
+
     every_n_steps: int = 0              # 0: only at the end
     dir: str = ""                       # empty: <output_dir>/checkpoint
-    resume: str = ""                    # checkpoint to resume from (needs engine.checkpoint)
+    resume: str = ""                    # a checkpoint (tag dir or checkpoint root), or "auto": <dir>/latest if any
+    keep_last: int = 3                  # complete checkpoints kept (plus the best by evaluation); 0 keeps all
+    grace_period_s: float = 120.0       # after SIGTERM/SIGINT/SIGUSR1: finish the step, save, exit within this
+    max_nonfinite_steps: int = 5        # non-finite losses in a row before the run halts (after saving)
 
 
 @dataclass
@@ -346,6 +351,9 @@ def validate(cfg: Config) -> None:
     _positive("metrics.log_every", cfg.metrics.log_every)
     _positive("eval.every_n_steps", cfg.eval.every_n_steps, strict=False)
     _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, strict=False)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, strict=False)
+    _positive("checkpoint.grace_period_s", cfg.checkpoint.grace_period_s, strict=False)
+    _positive("checkpoint.max_nonfinite_steps", cfg.checkpoint.max_nonfinite_steps)
     if cfg.synthetic.enabled:
         _positive("synthetic.num_identities", cfg.synthetic.num_identities)
         _positive("synthetic.images_per_identity", cfg.synthetic.images_per_identity)

@@ -132,9 +132,16 @@ class ParametricHead(Head):
         self._pending.clear()
 
     def sharded_state(self) -> dict:
-        return {"class_start": self.shard.start, "class_count": self.shard.count,
-                "weight": self.bank.weight, "momentum": self.bank.momentum,
-                "generator": self.generator.get_state()}
+        """Per-class tensors (first dimension class_count: re-sliced by class id at another world size)
+        plus this rank's random streams (`generator`, `rounding_generator`: restored at the same size)."""
+        state = {"class_start": self.shard.start, "class_count": self.shard.count,
+                 "weight": self.bank.weight, "momentum": self.bank.momentum,
+                 "generator": self.generator.get_state()}
+        if self.bank.momentum_scale is not None:
+            state["momentum_scale"] = self.bank.momentum_scale
+        if self.bank.rounding_generator is not None:
+            state["rounding_generator"] = self.bank.rounding_generator.get_state()
+        return state
 
     def load_sharded_state(self, state: dict) -> None:
         if (state["class_start"], state["class_count"]) != (self.shard.start, self.shard.count):
@@ -143,8 +150,14 @@ class ParametricHead(Head):
                              f"[{self.shard.start}, {self.shard.stop})")
         self.bank.weight.copy_(state["weight"])
         self.bank.momentum.copy_(state["momentum"])
+        if self.bank.momentum_scale is not None:
+            if "momentum_scale" not in state:
+                raise ValueError("head state has no 'momentum_scale' (int8 momentum needs its per-row scales)")
+            self.bank.momentum_scale.copy_(state["momentum_scale"])
         if "generator" in state:
             self.generator.set_state(state["generator"])
+        if "rounding_generator" in state and self.bank.rounding_generator is not None:
+            self.bank.rounding_generator.set_state(state["rounding_generator"])
 
 
 class FullHead(ParametricHead):
