@@ -67,7 +67,7 @@ BACKBONE_FILE = "backbone_state.pt"
 EXPORT_FILE = "backbone.pt"
 EMA_FILE = "ema.pt"
 RANK_LOCAL_KEYS = ("generator", "rounding_generator")   # head-state entries that belong to a rank, not a class
-FAULT_ENV = "SHARDFACE_CHECKPOINT_FAULT"                # tests: "<stage>:sleep:<s>" or "<stage>:crash"
+FAULT_ENV = "SHARDFACE_CHECKPOINT_FAULT"                # tests only: see _fault
 
 
 class CheckpointError(RuntimeError):
@@ -136,24 +136,29 @@ def safe_load(path: str, *, mmap: bool = False):
                               f"{str(err).splitlines()[0][:200]})") from None
 
 
-def _fault(stage: str, rank: int) -> None:
-    """Fault injection for the tests: SHARDFACE_CHECKPOINT_FAULT="<stage>:sleep:<seconds>[:<rank>]" sleeps
-    (so a test can kill the process there), "<stage>:crash[:<rank>]" exits the process at once."""
+class InjectedCrash(BaseException):
+    """Raised by the `raise` fault action: the save stops where a kill would have stopped it."""
+
+
+def _fault(stage: str, rank: int, step: int) -> None:
+    """Fault injection for the tests, from SHARDFACE_CHECKPOINT_FAULT="stage=<name>,action=<sleep|crash|
+    raise>[,seconds=<s>][,rank=<r>][,step=<n>]": at that stage of the save (after_backbone, after_head,
+    before_manifest, before_rename, before_latest) the rank sleeps (a test kills it there), exits at
+    once (os._exit), or raises InjectedCrash (in-process tests)."""
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return
-    parts = spec.split(":")
-    if parts[0] != stage:
+    opts = dict(item.split("=", 1) for item in spec.split(",") if "=" in item)
+    if opts.get("stage") != stage or ("rank" in opts and int(opts["rank"]) != rank) \
+            or ("step" in opts and int(opts["step"]) != step):
         return
-    if parts[1] == "sleep":
-        if len(parts) > 3 and int(parts[3]) != rank:
-            return
-        print(f"checkpoint fault injection: rank {rank} sleeping at {stage}", flush=True)
-        time.sleep(float(parts[2]))
-    elif parts[1] == "crash":
-        if len(parts) > 2 and int(parts[2]) != rank:
-            return
-        print(f"checkpoint fault injection: rank {rank} crashing at {stage}", flush=True)
+    action = opts.get("action", "crash")
+    print(f"checkpoint fault injection: rank {rank} {action} at {stage} (step {step})", flush=True)
+    if action == "sleep":
+        time.sleep(float(opts.get("seconds", 60)))
+    elif action == "raise":
+        raise InjectedCrash(f"{stage} (step {step})")
+    else:
         os._exit(17)
 
 
@@ -574,12 +579,12 @@ def save_checkpoint(trainer, step: int, *, reason: str = "periodic") -> str:
             if ema:
                 files[EMA_FILE] = atomic_save(ema, os.path.join(partial, EMA_FILE))
         del blob
-        _fault("after_backbone", rank)
+        _fault("after_backbone", rank, step)
         if state.head_world != world:
             raise CheckpointError("checkpoints need the head group to span every rank (head_world "
                                   f"{state.head_world} != world {world})")
         head_entry = save_head_shard(trainer.head, os.path.join(partial, head_file(state.head_rank)))
-        _fault("after_head", rank)
+        _fault("after_head", rank, step)
         train_state = {"format": FORMAT_VERSION, "rank": rank, "world_size": world, "step": step,
                        "rng": rng_state(), "data_position": list(trainer.data_position),
                        "nonfinite": dict(trainer.nonfinite)}
@@ -595,7 +600,7 @@ def save_checkpoint(trainer, step: int, *, reason: str = "periodic") -> str:
         raise CheckpointError(f"saving {final} failed on some rank" + (f" ({error})" if error else ""))
     everything = _all_gather_objects({"files": files, "head": head_entry, "head_rank": state.head_rank,
                                       "data_position": list(trainer.data_position)})
-    _fault("before_manifest", rank)
+    _fault("before_manifest", rank, step)
     if rank == 0:
         all_files: dict[str, dict] = {}
         heads: dict[int, dict] = {}
@@ -614,10 +619,10 @@ def save_checkpoint(trainer, step: int, *, reason: str = "periodic") -> str:
                                   [item["data_position"] for item in everything], reason)
         atomic_write_text(os.path.join(partial, MANIFEST), json.dumps(manifest, indent=1))
         fsync_dir(partial)
-        _fault("before_rename", rank)
+        _fault("before_rename", rank, step)
         os.replace(partial, final)
         fsync_dir(root)
-        _fault("before_latest", rank)
+        _fault("before_latest", rank, step)
         atomic_write_text(os.path.join(root, LATEST), tag)
         prune_checkpoints(root, trainer.cfg.checkpoint.keep_last, keep=best_tag(root, trainer), current=tag)
         print(f"checkpoint {final} ({reason}, step {step}) written in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -702,7 +707,9 @@ def resolve(path: str) -> str:
             if not os.path.exists(os.path.join(target, MANIFEST)):
                 raise CheckpointError(f"{os.path.join(path, LATEST)} names {tag!r} but {target} has no {MANIFEST}")
             return target
-        if path.endswith(PARTIAL) or os.path.basename(path).startswith("step_"):
+        names = os.listdir(path)
+        if path.endswith(PARTIAL) or os.path.basename(path).startswith("step_") or BACKBONE_FILE in names \
+                or any(n.startswith("head-rank") for n in names):
             raise CheckpointError(f"{path}: not a complete checkpoint (no {MANIFEST}; the save was interrupted)")
         raise CheckpointError(f"{path}: no checkpoint here (neither {MANIFEST} nor a {LATEST} file)")
     raise CheckpointError(f"{path}: no such checkpoint")

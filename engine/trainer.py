@@ -161,8 +161,16 @@ class Trainer:
                   f"{self.num_images} images: {state.world_size} rank(s) x {cfg.data.batch_size} x "
                   f"{cfg.optim.grad_accum} accumulation = {per_step} per step, {self.total_steps} steps "
                   f"({self.steps_per_epoch} per epoch), engine {self.backbone.kind}, {cfg.precision}", flush=True)
-        if cfg.checkpoint.resume:
-            self.load_checkpoint(cfg.checkpoint.resume)
+        # -- checkpoints, preemption, failure handling (engine/checkpoint.py, engine/preemption.py) -------
+        self.data_position = (0, 0)                 # (epoch, batches of it this rank consumed)
+        self.nonfinite = {"total": 0, "in_a_row": 0}
+        self.preemption = None
+        from engine.checkpoint import resume_path
+
+        resume = resume_path(cfg.checkpoint.resume, self.checkpoint_dir)
+        if resume:
+            self.load_checkpoint(resume)
+        # -- end checkpoints ---------------------------------------------------------------------------
 
     # ------------------------------------------------------------------------------------------ pieces
     def build_info(self) -> dict:
@@ -225,16 +233,22 @@ class Trainer:
             self.metrics.writer.add_scalar(tag, value, step)
 
     def _batches(self):
-        epoch = 0
+        # resuming mid-epoch: the epoch's stream is rebuilt from its seed and the batches this rank had
+        # consumed are read again and dropped, so the next batch is the one an uninterrupted run gets
+        epoch, skip = self.data_position
         while True:
             self.loader.set_epoch(epoch)
             produced = 0
             for batch in self.loader:
                 produced += 1
+                if produced <= skip:
+                    continue
+                self.data_position = (epoch, produced)
                 yield batch
             if produced == 0:
                 raise RuntimeError(f"{self.data_dir}: the loader produced no batches for rank {self.state.rank}")
-            epoch += 1
+            epoch, skip = epoch + 1, 0
+            self.data_position = (epoch, 0)
 
     # ------------------------------------------------------------------------------------------ one step
     def head_grad_norm(self) -> float:
@@ -270,8 +284,11 @@ class Trainer:
             t3 = time.perf_counter()
             loss = float(out.loss.detach())
             if not math.isfinite(loss) and cfg.precision != "fp16":
-                raise NonFiniteLoss(f"step {self.step + 1}: the loss is {loss}; lower optim.lr or enable "
-                                    "optim.clip_grad_norm / optim.head_clip_grad_norm")
+                # the loss is the same on every rank: all skip this step together (engine/preemption.py)
+                from engine.preemption import skip_nonfinite_step
+
+                return skip_nonfinite_step(self, batches, micro, loss, t)
+            self.nonfinite["in_a_row"] = 0
             self.backbone.backward(out.loss)
             _sync(device)
             t4 = time.perf_counter()
@@ -317,6 +334,10 @@ class Trainer:
         eval_results: dict = {}
         start = time.perf_counter()
         start_step = self.step
+        from engine.preemption import Preemption
+
+        self.preemption = Preemption(cfg.checkpoint.grace_period_s).install()
+        stop_reason = "final"
         try:
             while self.step < end:
                 t0 = time.perf_counter()
@@ -336,10 +357,25 @@ class Trainer:
                     res = self.evaluate(final=final)
                     if res is not None:
                         eval_results = res
+                        if self.eval_hook.last_was_best and not final:
+                            self.save_checkpoint(reason="best")      # kept by retention
                 if cfg.checkpoint.every_n_steps and self.step % cfg.checkpoint.every_n_steps == 0 and not final:
                     self.save_checkpoint()
-            checkpoint = self.save_checkpoint()
+                if self.nonfinite["in_a_row"] >= cfg.checkpoint.max_nonfinite_steps:
+                    path = self.save_checkpoint(reason="halted")
+                    raise NonFiniteLoss(
+                        f"step {self.step}: {self.nonfinite['in_a_row']} non-finite losses in a row "
+                        f"({self.nonfinite['total']} in all); halted, checkpoint {path}. Lower optim.lr or enable "
+                        "optim.clip_grad_norm / optim.head_clip_grad_norm, then resume from it")
+                if not final and self.preemption.should_stop(self.state.device):
+                    stop_reason = f"stopped by {self.preemption.signal_name}"
+                    break
+            checkpoint = self.save_checkpoint(reason=stop_reason)
+            if stop_reason != "final" and self.is_main:
+                print(f"{stop_reason} at step {self.step}: checkpoint {checkpoint}; resume with "
+                      f"--set checkpoint.resume=auto", flush=True)
         finally:
+            self.preemption.uninstall()
             elapsed = time.perf_counter() - start
             if self.metrics is not None:
                 self.metrics.close()
@@ -371,7 +407,7 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> str | None:
+    def save_checkpoint(self, reason: str = "periodic") -> str | None:
         """Every rank calls this. Delegates to engine.checkpoint when present; else rank 0 writes the
         backbone's fp32 weights to `<checkpoint dir>/backbone.pt` (atomically)."""
         try:
@@ -379,7 +415,7 @@ class Trainer:
         except ImportError:
             ckpt = None
         if ckpt is not None and hasattr(ckpt, "save_checkpoint"):
-            return ckpt.save_checkpoint(self, self.step)
+            return ckpt.save_checkpoint(self, self.step, reason=reason)
         weights = self.backbone.fp32_state_dict()          # collective under ZeRO-3
         path = os.path.join(self.checkpoint_dir, "backbone.pt")
         if self.is_main:
