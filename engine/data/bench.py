@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import tempfile
 import time
 
@@ -44,7 +45,8 @@ def bench_decode(jpegs: list[bytes], decoder: str, repeat: int = 3) -> dict:
         best_cpu = min(best_cpu, time.process_time() - cpu)
     return {"bench": "decode_flip_normalize", "decoder": decoder, "images": len(jpegs),
             "images_per_s_wall": round(len(jpegs) / best_wall, 1),
-            "images_per_s_per_core_cpu_time": round(len(jpegs) / best_cpu, 1)}
+            "images_per_s_per_core_cpu_time": round(len(jpegs) / best_cpu, 1),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
 def bench_loader(shards_dir: str, num_classes: int, decoder: str, workers: int, batch_size: int,
@@ -53,6 +55,7 @@ def bench_loader(shards_dir: str, num_classes: int, decoder: str, workers: int, 
     loader = build_loader(shards_dir, batch_size, num_classes=num_classes, rank=0, world_size=1,
                           num_workers=workers, resampled=True, batches_per_epoch=batches,
                           decoder=DECODERS[decoder])
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     first = None
     n = 0
@@ -62,10 +65,17 @@ def bench_loader(shards_dir: str, num_classes: int, decoder: str, workers: int, 
             first = time.perf_counter()
             n0 = n
     end = time.perf_counter()
+    cpu = _cpu_seconds() - cpu_start  # main process + the (joined) worker processes
     steady = (n - n0) / (end - first) if end > first else float("nan")
     return {"bench": "loader", "decoder": decoder, "workers": workers, "batch_size": batch_size,
             "images": n, "images_per_s_wall": round(n / (end - start), 1),
-            "images_per_s_after_first_batch": round(steady, 1), "first_batch_s": round(first - start, 3)}
+            "images_per_s_after_first_batch": round(steady, 1), "first_batch_s": round(first - start, 3),
+            "images_per_cpu_s": round(n / cpu, 1), "loadavg_1min": round(os.getloadavg()[0], 2)}
+
+
+def _cpu_seconds() -> float:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run(shards_dir: str | None = None, *, images: int = 3000, workers: int = 2, batch_size: int = 128,

@@ -245,9 +245,18 @@ class ShardStream(torch.utils.data.IterableDataset):
         rng = random.Random(f"samples/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         pairs = self.mode != "instance"
         B = self.batch_size
-        images = np.empty((B, 3, IMAGE_SIZE, IMAGE_SIZE), np.float32)
-        images_b = np.empty_like(images) if pairs else None
-        labels = np.empty(B, np.int64)
+
+        def new_batch():
+            """Batch tensors; in a worker process they are allocated in shared memory, so handing them to
+            the main process costs no copy. Returns the tensors and numpy views to decode into."""
+            tensors = [torch.empty((B, 3, IMAGE_SIZE, IMAGE_SIZE)) for _ in range(2 if pairs else 1)]
+            tensors.append(torch.empty(B, dtype=torch.int64))
+            if info is not None:
+                tensors = [t.share_memory_() for t in tensors]
+            return tensors, [t.numpy() for t in tensors]
+
+        tensors, (images, *rest) = new_batch()
+        images_b, labels = rest if pairs else (None, rest[0])
         keys = []
         n = 0
         # Resampled: this worker's share of the epoch's batches (the DataLoader takes them in turn).
@@ -268,23 +277,19 @@ class ShardStream(torch.utils.data.IterableDataset):
             keys.append(item["__key__"] if not pairs else (item["__key__"], item["key_b"]))
             n += 1
             if n == B:
-                yield self._batch(images, images_b, labels, keys, n)
+                yield self._batch(tensors, keys, n)
                 if share is not None:
                     share -= 1
                     if share == 0:
                         return
-                images = np.empty_like(images)
-                images_b = np.empty_like(images) if pairs else None
-                labels = np.empty_like(labels)
+                tensors, (images, *rest) = new_batch()
+                images_b, labels = rest if pairs else (None, rest[0])
                 keys, n = [], 0
         if n and share is None:
-            yield self._batch(images, images_b, labels, keys, n)
+            yield self._batch(tensors, keys, n)
 
-    def _batch(self, images, images_b, labels, keys, n):
-        out = [torch.from_numpy(images[:n])]
-        if images_b is not None:
-            out.append(torch.from_numpy(images_b[:n]))
-        out.append(torch.from_numpy(labels[:n]))
+    def _batch(self, tensors, keys, n):
+        out = [t[:n] if n < self.batch_size else t for t in tensors]
         if self.with_keys:
             out.append(list(keys))
         return tuple(out)

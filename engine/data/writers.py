@@ -2,7 +2,10 @@
 
 Every shard holds whole identities, contiguously, in class order (`grouped_by_identity`): identity-aware
 sampling (pairs, one item per identity) then needs only a small per-identity buffer in each worker.
-Each sample is `{"__key__": "<class:08d>_<index:06d>", "jpg": bytes, "cls": int[, "json": {...}]}`.
+Each sample is `{"__key__": "<class:08d>_<index:06d>", "jpg": bytes, "cls": int}`: two tar members, so
+the loader parses as few tar headers as possible. The key names the source: for a folder, `index` is the
+position in the identity's sorted file list (the manifest's label_map names the identity folder); for
+RecordIO, the position in the identity's record range.
 
 A shard is written under `<name>.partial` and renamed when complete, so a final name never holds a
 half-written shard. Shards are written by a process pool; a progress bar shows rate and ETA.
@@ -123,7 +126,7 @@ def _write_one(args) -> ShardResult:
     skipped: list = []
     pattern = os.path.join(out_dir, prefix).replace("%", "%%") + "-%06d.tar.partial"
     writer = wds.ShardWriter(pattern, maxcount=1 << 62, maxsize=float("inf"), start_shard=task.index, verbose=0,
-                             mtime=0.0)  # fixed mtime: same inputs give byte-identical shards
+                             mtime=0)  # fixed integer mtime: identical shards for identical inputs, no PAX headers
     try:
         for sample in source.samples(task, skipped):
             writer.write(sample)
@@ -244,7 +247,7 @@ class FolderSource(SampleSource):
                 except Exception as exc:  # noqa: BLE001 - any unreadable image is skipped and reported
                     skipped.append((os.path.join(self.root, rel), f"{type(exc).__name__}: {exc}"))
                     continue
-                yield {"__key__": f"{label:08d}_{j:06d}", "jpg": jpg, "cls": label, "json": {"path": rel}}
+                yield {"__key__": f"{label:08d}_{j:06d}", "jpg": jpg, "cls": label}
 
 
 def write_folder_shards(root: str, out_dir: str, *, shard_size: int = 10000, workers: int = 2,
@@ -300,7 +303,7 @@ class RecordSource(SampleSource):
             except Exception as exc:  # noqa: BLE001
                 skipped.append((f"{self.reader.rec_path} record {rid}", f"{type(exc).__name__}: {exc}"))
                 continue
-            yield {"__key__": f"{label:08d}_{index:06d}", "jpg": jpg, "cls": label, "json": {"record": rid}}
+            yield {"__key__": f"{label:08d}_{index:06d}", "jpg": jpg, "cls": label}
             index += 1
 
 
