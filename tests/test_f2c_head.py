@@ -276,3 +276,22 @@ def test_head_state_does_not_grow_with_the_number_of_classes(kind):
             head.step(0.1)
         sizes_seen.append((head.state_bytes(), {k: tuple(b.shape) for k, b in head.named_buffers()}))
     assert sizes_seen[0] == sizes_seen[1]
+
+
+def test_f2c_gradient_accumulation_sees_the_previous_micro_batch_writes():
+    """Two micro-batches before one step give the pool and losses of two steps."""
+    state = ParallelState.single("cpu")
+    num_classes, pool_size = sizes(1)
+    runs = []
+    for accumulate in (False, True):
+        head = build_head(f2c_config(pool_size), state, num_classes, DIM)
+        losses = []
+        for t in range(4):
+            X, G, Y = step_data(1, t, 13)
+            losses.append(head(X.clone().requires_grad_(True), Y, {"gallery": G}).loss.detach())
+            if not accumulate or t % 2:
+                head.step(0.1)
+        runs.append((losses, head.sharded_state()))
+    torch.testing.assert_close(torch.stack(runs[0][0]), torch.stack(runs[1][0]), rtol=0, atol=0)
+    for key in ("identities", "features", "toggle"):
+        assert torch.equal(runs[0][1][key], runs[1][1][key]), key

@@ -30,8 +30,9 @@ direction loss = sum over both views of (softmax + outlier). Slots never written
 
 Each step runs x -> y (probes P(x), gallery G(y)) then y -> x; the first direction's writes are
 tentative: they are computed as an overlay on the committed pool and dropped, so the second
-direction starts from the committed pool, and its writes are committed by `step()`. The loss is the
-sum of both directions. K >= 1.5 * Bg (Bg = gallery rows of one direction over all ranks) is
+direction starts from the committed pool, and its writes are committed by `step()` (with gradient
+accumulation, when the next micro-batch starts; `skip_step()` drops the last micro-batch's writes
+only). The loss is the sum of both directions. K >= 1.5 * Bg (Bg = gallery rows of one direction over all ranks) is
 required (checked at the first step).
 
 Checkpoint state (`sharded_state`): the occupied slots keyed by identity, `identities (n,)`,
@@ -180,6 +181,10 @@ class F2cHead(MemoryHead):
             raise ValueError(f"head.extra.pool_size: {self.pool_size} < 1.5 x {bg}, the gallery rows of one "
                              f"direction over all ranks ({self.world} ranks x {half}); F2C needs K >= 1.5 Bg")
         gallery = self.batch_tensor(batch, "gallery", n)
+        if self._pending:
+            # gradient accumulation: the previous micro-batch's writes become visible to this one (a
+            # plan is an overlay on the committed pool, so it cannot stack on another pending plan)
+            MemoryHead.step(self)
         x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (W n, D)
         labels_global = all_gather_rows(labels, self.group)                               # (W n,)
         gallery_global = F.normalize(all_gather_rows(gallery.to(self.acc_dtype).contiguous(), self.group), dim=1)
