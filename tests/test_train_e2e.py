@@ -17,9 +17,9 @@ import urllib.request
 
 import pytest
 import yaml
+from multirank import free_port
 
 from engine.demo import launcher_command, rank_env
-from multirank import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train.py")
