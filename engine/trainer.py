@@ -20,6 +20,7 @@ exists; until then the backbone's fp32 weights are written to `<checkpoint dir>/
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -37,7 +38,7 @@ from engine.distributed_backbone import DistributedBackbone, deepspeed_available
 from engine.head_inputs import HeadInputs
 from engine.metrics import TrainMetrics
 from engine.schedules import build_schedule
-from parallel.groups import ParallelState, init_parallel
+from parallel.groups import ParallelState, default_backend, default_device, init_parallel
 
 VERSION = "0.1.0"
 
@@ -60,9 +61,6 @@ def setup_distributed(engine: str, timeout_s: float = 1800.0) -> ParallelState:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     if engine == "deepspeed" and deepspeed_available() and not dist.is_initialized():
-        from parallel.groups import default_backend, default_device
-        import datetime
-
         device = default_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=default_backend(device), rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]),
