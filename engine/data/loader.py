@@ -45,6 +45,8 @@ from .manifest import MANIFEST_NAME, load_manifest, shard_paths
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 112
+# Worker processes and the shared skip counter use one start method: fork where the platform has it.
+_CONTEXT = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 MODES = ("instance", "pairs", "identity")
 
 
@@ -316,7 +318,8 @@ class ShardLoader:
         self._next_epoch = int(epoch)
 
     def decode_errors(self) -> int:
-        """Samples skipped so far (undecodable images, malformed samples, unreadable tar data), all workers."""
+        """Samples skipped so far (undecodable images, malformed samples, unreadable tar data), counted over
+        all workers and every time they are met (resampling meets a bad sample again; its log line is once)."""
         return int(self.stream.counter.value)
 
     def __len__(self) -> int:
@@ -330,7 +333,8 @@ class ShardLoader:
         self.stream.epoch = self.epoch
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=_worker_init,
-            prefetch_factor=2 if self.num_workers else None, persistent_workers=False)
+            prefetch_factor=2 if self.num_workers else None, persistent_workers=False,
+            multiprocessing_context=_CONTEXT if self.num_workers else None)
         count = 0
         for batch in loader:
             count += 1
@@ -387,7 +391,7 @@ def build_loader(shards, batch_size: int, *, num_classes: int, rank: int, world_
             warnings.warn(f"rank {rank} has {mine} shards for {num_workers} workers; using {mine} workers "
                           f"(write at least {world_size * num_workers} shards to use them all)", stacklevel=2)
             num_workers = mine
-    counter = mp.get_context("fork").Value("q", 0)
+    counter = _CONTEXT.Value("q", 0)
     stream = ShardStream(urls, batch_size, num_classes=num_classes, rank=rank, world_size=world_size, seed=seed,
                          resampled=resampled, shuffle_buffer=shuffle_buffer, mode=mode, flip=flip,
                          with_keys=with_keys, expected_counts=expected_counts, counter=counter, decoder=decoder)
