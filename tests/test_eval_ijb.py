@@ -77,16 +77,18 @@ def test_pool_templates_media_mean_then_template_sum_with_detector_scores():
     np.testing.assert_allclose(normed[0], unit([1.2071068, 1.2071068]), atol=1e-6)
 
 
-def test_chunked_pair_scores_equal_one_pass_and_unknown_templates_are_named():
+def test_blocked_and_chunked_pair_scores_equal_direct_ones_and_unknown_templates_are_named():
     rng = np.random.default_rng(0)
     ids = np.array([3, 7, 9, 20])
     feats = rng.normal(size=(4, 5)).astype(np.float32)
     pairs = rng.choice(ids, size=(101, 2))
     want = np.array([feats[list(ids).index(a)] @ feats[list(ids).index(b)] for a, b in pairs])
-    np.testing.assert_allclose(score_pairs(ids, feats, pairs, chunk_size=7), want, rtol=1e-6)
-    np.testing.assert_allclose(score_pairs(ids, feats, pairs), want, rtol=1e-6)
-    with pytest.raises(ValueError, match="pair 1 refers to template 8"):
-        score_pairs(ids, feats, np.array([[3, 7], [8, 9]]), source="pairs.txt")
+    np.testing.assert_allclose(score_pairs(ids, feats, pairs, chunk_size=7, method="gather"), want, rtol=1e-5)
+    np.testing.assert_allclose(score_pairs(ids, feats, pairs, method="matrix", block_size=3), want, rtol=1e-5)
+    np.testing.assert_allclose(score_pairs(ids, feats, pairs), want, rtol=1e-5)
+    for method in ("gather", "matrix"):
+        with pytest.raises(ValueError, match="pairs.txt: pair 1 refers to template 8"):
+            score_pairs(ids, feats, np.array([[3, 7], [8, 9]]), chunk_size=1, method=method, source="pairs.txt")
 
 
 # --- a small IJB-like set with known answers --------------------------------------------------------
