@@ -1,10 +1,10 @@
-"""Process-level setup that must happen before a rank starts: allocator settings and launch commands.
+"""Process-level setup that must happen before a rank process starts: glibc allocator settings.
 
 glibc reads MALLOC_* from the environment only at process start, so a rank process either inherits
 them from whatever started it (tools/demo.py, tests) or re-executes itself once with them
-(`ensure_malloc_env`). Large thresholds keep the big activation buffers of each step on the heap
-instead of mmap/munmap-ing (and page-faulting) them again every step: on a 2-core CPU machine this
-halves the step time of a face backbone.
+(`ensure_malloc_env`). Large thresholds keep the step's buffers on the heap instead of
+mmap/munmap-ing (and page-faulting) them again every step. Measured for the `tiny` backbone (batch 32,
+one thread, fwd+bwd): 10-13k -> 2-3k minor page faults per step.
 """
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import os
 import sys
 
 MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": str(16 << 30),   # allocations below 16 GiB come from the heap
+    # allocations up to 32 MiB come from the heap; glibc ignores larger values (its limit on 64-bit)
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(16 << 30),   # never give freed heap back to the OS between steps
     "MALLOC_TOP_PAD_": str(1 << 30),           # grow the heap 1 GiB at a time
 }
