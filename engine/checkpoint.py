@@ -479,8 +479,9 @@ def load_backbone_state(backbone, blob: dict, path: str) -> None:
                         st.setdefault(key, torch.zeros_like(flat))
                     for key, value in blob["optimizer_scalars"].items():
                         st[key] = value.clone() if torch.is_tensor(value) else value
-            if hasattr(zero_opt, "_link_all_hp_params"):
-                zero_opt._link_all_hp_params()
+            if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):     # DeepSpeed's per-parameter views
+                zero_opt._hp_optimizer_states_linked = False
+                zero_opt._lazy_init_hp_params_optimizer_state()
             for n, p in params.items():
                 if n not in blob["optimizer_state"]:
                     continue
