@@ -226,3 +226,22 @@ def test_empty_shard_list_and_too_few_shards(shard_set):
     loader = build_loader(paths[:1], 2, num_classes=num_classes, rank=2, world_size=3, num_workers=2,
                           resampled=True, batches_per_epoch=3)
     assert sum(1 for _ in loader) == 3
+
+
+def test_shard_cut_at_a_member_boundary_is_caught_by_the_manifest_count(tmp_path, caplog):
+    import tarfile
+
+    from engine.data import write_synthetic
+
+    manifest = write_synthetic(str(tmp_path), 6, images_per_identity=(3, 3), heldout_identities=0, heldout_pairs=0,
+                               shard_size=9, workers=1, progress=False)
+    first = tmp_path / manifest["shards"][0]
+    with tarfile.open(first) as tar:
+        members = tar.getmembers()
+    cut = members[4].offset  # the tar ends cleanly after two whole samples (jpg + cls each)
+    first.write_bytes(first.read_bytes()[:cut])
+    loader = build_loader(str(tmp_path), 4, num_classes=6, rank=0, world_size=1, num_workers=0, with_keys=True)
+    with caplog.at_level(logging.WARNING):
+        keys = epoch_keys(loader)
+    assert len(keys) == manifest["num_images"] - 7
+    assert loader.decode_errors() == 1 and "ended after 2 of 9 samples" in caplog.text
