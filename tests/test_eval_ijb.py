@@ -119,7 +119,7 @@ def write_ijb_fixture(root, target="ijbc"):
     os.makedirs(os.path.join(root, "loose_crop"))
     with open(os.path.join(root, "meta", f"{target}_face_tid_mid.txt"), "w") as tid, \
             open(os.path.join(root, "meta", f"{target}_name_5pts_score.txt"), "w") as lmk:
-        for i, (name, template, media, colour, score, size) in enumerate(IMAGES):
+        for name, template, media, colour, score, size in IMAGES:
             Image.new("RGB", (size, size), COLOURS[colour]).save(os.path.join(root, "loose_crop", name))
             shift = (size - 112) / 2
             landmarks = ARCFACE_TEMPLATE * (1 + (size - 112) / 400) + shift * 0.5   # face inside the crop

@@ -147,8 +147,10 @@ def test_missing_and_malformed_bins_are_errors_naming_the_file(tmp_path):
 
 # --- the 10-fold protocol and TAR@FAR ----------------------------------------------------------------
 
-def reference_kfold(dist, issame, n_folds=10, thresholds=np.arange(0, 4, 0.01)):
-    """Straightforward re-statement: folds of consecutive pairs, sizes as sklearn's KFold."""
+def reference_kfold(dist, issame, n_folds=10):
+    """Straightforward re-statement: folds of consecutive pairs, sizes as sklearn's KFold, thresholds
+    0.00, 0.01, ..., 3.99 as insightface's verification.py."""
+    thresholds = [t / 100 for t in range(400)]
     n = len(dist)
     sizes = [n // n_folds + (1 if i < n % n_folds else 0) for i in range(n_folds)]
     bounds = np.cumsum([0] + sizes)
