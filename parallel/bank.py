@@ -131,8 +131,11 @@ class CenterBank(nn.Module):
         """Bytes of rows plus optimizer state on this rank."""
         return self.weights.nbytes + self.momenta.nbytes
 
-    def rows(self, index: torch.Tensor | None) -> torch.Tensor:
-        """The active rows as a fresh float32 (float64) tensor (A, D); index None means all rows."""
+    def rows(self, index: torch.Tensor | None, raw: bool = False) -> torch.Tensor:
+        """The active rows as a fresh float32 (float64) tensor (A, D), or in the storage dtype if `raw`;
+        index None means all rows."""
+        if raw:
+            return self.weight.clone() if index is None else self.weight.index_select(0, index)
         return self.weights.read(index)
 
     def momentum_rows(self, index: torch.Tensor | None) -> torch.Tensor:

@@ -82,8 +82,8 @@ class _FusedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grads, ctx.grads = ctx.grads, None
-        out = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        # the stored gradients stay untouched so a retained graph can be backpropagated again
+        out = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
         return (*out, None, None, None, None, None, None, None)
 
 
@@ -279,7 +279,9 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     row_weight = valid / n_valid                                           # (Bg,)
     grad_x_hat = torch.zeros_like(x_hat)                                   # (Bg, D) acc
     # detached columns (DCQ keys, F2C pool slots) need no gradient: skip that GEMM
-    grad_centers = torch.empty(inp.centers.shape, dtype=acc, device=device) if center_grad else None  # (A, D)
+    # (A, D) in the centers' own dtype: a bfloat16 leaf gets its gradient rounded chunk by chunk
+    grad_centers = (torch.empty(inp.centers.shape, dtype=inp.centers.dtype if inp.centers.dtype != torch.float16
+                                else acc, device=device) if center_grad else None)
     for lo, hi in reversed(chunks):
         if kept is not None:
             logits, raw, t_rows, t_cols, filtered, w = kept

@@ -1,7 +1,9 @@
-"""Times one head step (forward, backward, optimizer) on W local gloo ranks, ours next to a naive
-implementation measured in the same run. Prints one JSON object per configuration.
+"""Times one head step (forward, backward, optimizer; with --backbone a whole training step) on W
+local gloo ranks, ours next to a naive implementation measured in the same run, with the memory
+planner's prediction. Prints one JSON object per configuration.
 
     python tools/bench_head.py --classes 1000000 --dim 512 --batch 128 --world 2 --sample-rate 0.1
+    python tools/bench_head.py --sweep --output sweep.jsonl --plot sweep.png
 """
 import argparse
 import json
@@ -10,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from parallel.bench import bench_config  # noqa: E402
+from engine.head_bench import bench_config, plot_sweep, sweep  # noqa: E402
 
 
 def main():
@@ -23,24 +25,38 @@ def main():
     p.add_argument("--head", nargs="+", default=["partial"])
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float64"])
     p.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--momentum-dtype", default="float32", choices=["float32", "bfloat16", "int8"])
+    p.add_argument("--backbone", help="time a whole training step with this backbone (e.g. tiny, mbf)")
     p.add_argument("--chunk-size", type=int, default=8192)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--sweep", action="store_true", help="C from 100K to 10M, every --head, fp32 and lean bf16")
     p.add_argument("--output", help="also append the JSON lines to this file")
+    p.add_argument("--plot", help="with --sweep: write a PNG of time and memory against C")
     args = p.parse_args()
+
+    def emit(record):
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(line + "\n")
+
+    if args.sweep:
+        records = sweep(dim=args.dim, batch=args.batch, world=args.world, sample_rate=args.sample_rate[0],
+                        heads=args.head, steps=args.steps, warmup=args.warmup, emit=emit)
+        if args.plot:
+            plot_sweep(records, args.plot)
+        return
     for classes in args.classes:
         for rate in args.sample_rate:
             for head in args.head:
                 for dtype in args.dtype:
-                    record = bench_config(classes, args.dim, args.batch, args.world, rate, head=head, dtype=dtype,
-                                          chunk_size=args.chunk_size, steps=args.steps, warmup=args.warmup,
-                                          naive=not args.no_naive, storage_dtype=args.storage_dtype)
-                    line = json.dumps(record)
-                    print(line, flush=True)
-                    if args.output:
-                        with open(args.output, "a") as f:
-                            f.write(line + "\n")
+                    emit(bench_config(classes, args.dim, args.batch, args.world, rate, head=head, dtype=dtype,
+                                      chunk_size=args.chunk_size, steps=args.steps, warmup=args.warmup,
+                                      naive=not args.no_naive, storage_dtype=args.storage_dtype,
+                                      momentum_dtype=args.momentum_dtype, backbone=args.backbone))
 
 
 if __name__ == "__main__":

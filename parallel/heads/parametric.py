@@ -70,7 +70,10 @@ class ParametricHead(Head):
         return x_global, labels_global
 
     def active_centers(self, rows: torch.Tensor | None) -> torch.Tensor:
-        """The rows as a leaf tensor (A, D) in the softmax's accumulation dtype, requiring grad."""
+        """The rows as a leaf tensor (A, D), requiring grad: in the softmax's accumulation dtype, or in
+        bfloat16 when both storage and GEMMs are bfloat16 (the lean mode: leaf and gradient at half size)."""
+        if self.compute_dtype == torch.bfloat16 and self.bank.weight.dtype == torch.bfloat16:
+            return self.bank.rows(rows, raw=True).requires_grad_(True)
         return self.bank.rows(rows).to(torch.float64 if self.compute_dtype == torch.float64
                                        else torch.float32).requires_grad_(True)
 

@@ -1,4 +1,6 @@
-"""One head step timed on W local gloo ranks, next to a naive implementation measured the same way.
+"""One head step (optionally a whole training step with a backbone) timed on W local gloo ranks,
+next to a naive implementation measured the same way, with the memory planner's prediction beside
+the measured peak.
 
 The naive head is what a straightforward Partial FC does (arcface_torch's partial_fc_v2 shape): the
 shard is an nn.Parameter, the active rows are taken with autograd indexing (a dense C_r x D
@@ -19,7 +21,7 @@ import torch.distributed.nn.functional as dist_fn
 from parallel.bank import initial_rows
 from parallel.collectives import all_gather_rows, gather_batch
 from parallel.heads import HeadConfig, build_head
-from parallel.heads.config import MarginConfig
+from parallel.heads.config import MarginConfig, OptimizerConfig
 from parallel.heads.memory import synthetic_batch
 from parallel.heads.sampling import sample_rows
 from parallel.sharding import ClassShard
@@ -72,6 +74,11 @@ class NaiveHead(torch.nn.Module):
 def _bench_rank(state, cfg: dict):
     torch.manual_seed(cfg["seed"] + state.rank)
     dtype = cfg["dtype"]
+    backbone = None
+    if cfg.get("backbone"):
+        from models import build_backbone
+        backbone = build_backbone(cfg["backbone"], embedding_size=cfg["dim"]).to(memory_format=torch.channels_last)
+        backbone_opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     margin = MarginConfig(m1=1.0, m2=0.5, m3=0.0, scale=64.0)
     kind = cfg["impl"]
     if kind == "naive":
@@ -80,18 +87,24 @@ def _bench_rank(state, cfg: dict):
     else:
         hc = HeadConfig(type=cfg["head"], sample_rate=cfg["sample_rate"], margin=margin,
                         compute_dtype=dtype, storage_dtype=cfg.get("storage_dtype", "float32"),
-                        chunk_size=cfg["chunk_size"], seed=cfg["seed"])
+                        chunk_size=cfg["chunk_size"], seed=cfg["seed"],
+                        optimizer=OptimizerConfig(momentum_dtype=cfg.get("momentum_dtype", "float32")))
         head = build_head(hc, state, cfg["classes"], cfg["dim"])
     b, d = cfg["batch"], cfg["dim"]
     gen = torch.Generator().manual_seed(cfg["seed"] * 31 + state.rank)
     times = []
     active = None
     for it in range(cfg["warmup"] + cfg["steps"]):
-        x = torch.randn(b, d, generator=gen, requires_grad=True)
         labels = torch.randint(0, cfg["classes"], (b,), generator=gen)
+        if backbone is not None:
+            images = torch.randn(b, 3, 112, 112, generator=gen).to(memory_format=torch.channels_last)
+        else:
+            x = torch.randn(b, d, generator=gen, requires_grad=True)
         if state.world_size > 1:
             dist.barrier()
         t0 = time.perf_counter()
+        if backbone is not None:
+            x = backbone(images)
         if kind == "naive":
             loss = head(x, labels)
             loss.backward()
@@ -122,11 +135,14 @@ def _bench_rank(state, cfg: dict):
 
 
 def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype="float32", chunk_size=8192,
-                 steps=5, warmup=2, seed=0, naive=True, storage_dtype="float32", timeout=1800.0) -> dict:
+                 steps=5, warmup=2, seed=0, naive=True, storage_dtype="float32", momentum_dtype="float32",
+                 backbone=None, timeout=3600.0) -> dict:
     """Runs ours (and the naive head) on `world` local gloo ranks; returns one JSON-able record."""
+    from engine.plan import PlanInput, plan
     from parallel.local_ranks import run_ranks
     cfg = dict(classes=classes, dim=dim, batch=batch, sample_rate=sample_rate, head=head, dtype=dtype,
-               chunk_size=chunk_size, steps=steps, warmup=warmup, seed=seed, storage_dtype=storage_dtype)
+               chunk_size=chunk_size, steps=steps, warmup=warmup, seed=seed, storage_dtype=storage_dtype,
+               momentum_dtype=momentum_dtype, backbone=backbone)
     ours = run_ranks(_bench_rank, world, args=(dict(cfg, impl="ours"),), timeout=timeout)
     step = statistics.median(max(r["step_seconds"][i] for r in ours) for i in range(steps))
     active = ours[0]["active"]
@@ -138,13 +154,72 @@ def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype=
         gflops_achieved=6.0 * bg * dim * active / step / 1e9,
         gflops_matmul_peak=statistics.median(r["gflops_matmul_peak"] for r in ours),
         peak_rss_bytes_per_rank=max(r["peak_rss"] for r in ours),
+        momentum_dtype=momentum_dtype, backbone=backbone,
     )
+    predicted = plan(PlanInput(classes=classes, dim=dim, world=world, sample_rate=sample_rate, batch=batch,
+                               head=head, storage_dtype=storage_dtype, compute_dtype=dtype,
+                               momentum_dtype=momentum_dtype, chunk_size=chunk_size, backbone=backbone))
+    record["planned_peak_bytes_per_rank"] = predicted.total
     record["fraction_of_matmul_peak"] = record["gflops_achieved"] / record["gflops_matmul_peak"]
     if naive:
-        base = run_ranks(_bench_rank, world, args=(dict(cfg, impl="naive", dtype="float32"),), timeout=timeout)
+        base = run_ranks(_bench_rank, world, args=(dict(cfg, impl="naive", dtype="float32"),),
+                         timeout=timeout)
         nstep = statistics.median(max(r["step_seconds"][i] for r in base) for i in range(steps))
         record.update(naive_step_seconds_median=nstep,
                       naive_peak_rss_bytes_per_rank=max(r["peak_rss"] for r in base),
                       speedup_vs_naive=nstep / step)
         record["memory_ratio_vs_naive"] = record["peak_rss_bytes_per_rank"] / record["naive_peak_rss_bytes_per_rank"]
     return record
+
+
+SWEEP_CLASSES = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
+NAIVE_MAX_CLASSES = 2_000_000   # the naive head runs out of memory near 2.4M classes on 2 x 24 GiB ranks
+
+
+def sweep(dim=512, batch=128, world=2, sample_rate=0.1, heads=("partial", "mutual"), steps=3, warmup=1,
+          classes=SWEEP_CLASSES, emit=print):
+    """Every head type at every C, float32 and the lean bfloat16 mode; the naive baseline where it fits."""
+    records = []
+    for c in classes:
+        for head in heads:
+            for dtype, storage, momentum in (("float32", "float32", "float32"), ("bfloat16", "bfloat16", "int8")):
+                if c >= 10_000_000 and storage == "float32":
+                    continue  # 10M x 512 float32 rows and momentum exceed 24 GiB on two ranks
+                rec = bench_config(c, dim, batch, world, sample_rate, head=head, dtype=dtype, steps=steps,
+                                   warmup=warmup, storage_dtype=storage, momentum_dtype=momentum,
+                                   naive=(c <= NAIVE_MAX_CLASSES and head == "partial" and dtype == "float32"))
+                records.append(rec)
+                emit(rec)
+    return records
+
+
+def plot_sweep(records: list[dict], path: str) -> None:
+    """Step time and peak memory per rank against C, ours (each head/dtype) and the naive baseline."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    series = {}
+    for r in records:
+        series.setdefault(f"{r['head']} {r['dtype']}/{r['storage_dtype']}", []).append(r)
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r["classes"])
+        cs = [r["classes"] for r in rs]
+        ax_t.plot(cs, [r["step_seconds_median"] for r in rs], "o-", label=name)
+        ax_m.plot(cs, [r["peak_rss_bytes_per_rank"] / 2**30 for r in rs], "o-", label=name)
+    naive = sorted((r for r in records if "naive_step_seconds_median" in r), key=lambda r: r["classes"])
+    if naive:
+        cs = [r["classes"] for r in naive]
+        ax_t.plot(cs, [r["naive_step_seconds_median"] for r in naive], "k--x", label="naive partial fp32")
+        ax_m.plot(cs, [r["naive_peak_rss_bytes_per_rank"] / 2**30 for r in naive], "k--x", label="naive partial fp32")
+    for ax, label in ((ax_t, "head step (s)"), (ax_m, "peak RSS per rank (GiB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("classes C")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_m.axhline(12, color="r", lw=0.8, ls=":", label="half of 24 GiB")
+    ax_m.legend(fontsize=7)
+    fig.suptitle("Head step vs number of classes (2 gloo ranks, D=512, B=128 per rank, rho=0.1)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,30 @@
+"""The memory planner against measured peaks, and its capacity search."""
+import pytest
+
+from engine.head_bench import bench_config
+from engine.plan import PlanInput, largest_classes, plan
+
+TOLERANCE = 0.15  # planned vs measured peak resident memory per rank
+
+
+@pytest.mark.parametrize("storage,compute,momentum", [("float32", "float32", "float32"),
+                                                       ("bfloat16", "bfloat16", "int8")])
+def test_planned_peak_matches_measured_peak_within_tolerance(storage, compute, momentum):
+    rec = bench_config(2_000_001, 128, 32, 2, 0.1, dtype=compute, storage_dtype=storage, momentum_dtype=momentum,
+                       steps=2, warmup=1, naive=False)
+    measured, planned = rec["peak_rss_bytes_per_rank"], rec["planned_peak_bytes_per_rank"]
+    assert abs(planned - measured) <= TOLERANCE * measured, (planned, measured)
+
+
+def test_lean_storage_takes_at_most_four_bytes_per_class_and_dimension():
+    p = plan(PlanInput(classes=10_000_000, dim=512, world=2, storage_dtype="bfloat16", momentum_dtype="int8"))
+    state = p.components["head_rows"] + p.components["head_optimizer_state"]
+    assert state * 2 <= 4 * 10_000_000 * 512
+
+
+def test_largest_classes_is_the_boundary_of_the_budget():
+    inputs = PlanInput(classes=1, dim=256, world=4, storage_dtype="bfloat16", momentum_dtype="bfloat16")
+    budget = 3 * 2**30
+    c = largest_classes(inputs, budget)
+    assert plan(PlanInput(**{**inputs.__dict__, "classes": c})).total <= budget
+    assert plan(PlanInput(**{**inputs.__dict__, "classes": int(c * 1.001) + 4})).total > budget
