@@ -94,6 +94,10 @@ def deepspeed_config(cfg, data_world: int) -> dict:
     fp16["enabled"] = cfg.precision == "fp16"
     ds["fp16"] = fp16
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": cfg.precision == "bf16"}
+    if cfg.precision in ("bf16", "fp16"):
+        # DeepSpeed >= 0.19 casts parameters only; BatchNorm's running statistics must follow them
+        ds["data_types"] = {**ds.get("data_types", {})}
+        ds["data_types"].setdefault("buffer_dtype", cfg.precision)
     zero = dict(ds.get("zero_optimization", {"stage": 0}))
     if cfg.deepspeed.zero_stage >= 0:
         zero["stage"] = cfg.deepspeed.zero_stage

@@ -241,5 +241,6 @@ def test_deepspeed_config_fills_batch_precision_and_clipping_from_the_recipe(pre
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_clipping"] == 1.5
     assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
+    assert ds["data_types"]["buffer_dtype"] == precision   # BatchNorm statistics follow the parameters
     assert ds["zero_force_ds_cpu_optimizer"] is False   # SGD with offload
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
