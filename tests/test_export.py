@@ -54,6 +54,13 @@ def _train_and_save(state, out_dir):
         engine.save_checkpoint(os.path.join(out_dir, f"zero{stage}"), tag="step2")
         with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=stage == 3):
             expected[stage] = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        if stage == 3:
+            # evaluation through the engine: ranks embed uneven slices (3 and 2 images) yet run the same
+            # number of forward passes, which ZeRO-3's collective parameter gathering needs
+            from engine.evaluation import embed_images
+
+            faces = np.random.default_rng(0).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+            expected["zero3_embeddings"] = embed_images(engine, faces, batch_size=2, group=state.data_group)
         engine.destroy()
     return expected if state.rank == 0 else None
 
@@ -136,6 +143,17 @@ def test_export_command_writes_weights_and_a_checked_onnx_model(deepspeed_checkp
     assert report["onnx"]["max_abs_diff"] <= 1e-4 * max(1.0, report["onnx"]["output_scale"])
     weights = torch.load(tmp_path / "backbone.pt", weights_only=True)
     assert all(torch.equal(weights[k], v) for k, v in expected[3].items())
+
+
+def test_embeddings_through_a_zero3_engine_equal_the_exported_backbone(deepspeed_checkpoints):
+    from engine.evaluation import embed_images
+
+    out, expected = deepspeed_checkpoints
+    model = build_backbone("tiny", embedding_size=16)
+    model.load_state_dict(load_backbone_state_dict(os.path.join(out, "zero3")), strict=True)
+    faces = np.random.default_rng(0).integers(0, 256, (5, 112, 112, 3), dtype=np.uint8)
+    np.testing.assert_allclose(expected["zero3_embeddings"], embed_images(model, faces, batch_size=2),
+                               rtol=1e-5, atol=1e-5)
 
 
 # --- ONNX -------------------------------------------------------------------------------------------

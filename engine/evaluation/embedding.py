@@ -63,7 +63,9 @@ def embed_images(
     Dataset that decodes on demand (`num_workers` DataLoader workers). With a process `group` of W
     ranks each rank embeds one contiguous slice and the slices are all-gathered, so every rank returns
     all N rows. Every rank runs the same number of equally shaped forward passes (the last batch is
-    padded), which ZeRO-3 needs because its forward gathers parameters collectively.
+    padded), which ZeRO-3 needs because its forward gathers parameters collectively, and uses the
+    first rank's buffers (BatchNorm statistics; restored afterwards), so results match a single
+    process running the checkpointed model.
     The backbone is put in eval mode and its previous mode restored afterwards.
     """
     n = len(images)
@@ -85,6 +87,7 @@ def embed_images(
     was_training = backbone.training
     backbone.eval()
     out: torch.Tensor | None = None
+    restore_buffers = _use_first_rank_buffers(backbone, group) if world > 1 else []
     try:
         for b in range(num_batches):
             lo, hi = start + b * batch_size, min(start + (b + 1) * batch_size, stop)
@@ -116,6 +119,9 @@ def embed_images(
                 tracker.update(hi - start if count else stop - start)
     finally:
         backbone.train(was_training)
+        with torch.no_grad():
+            for buf, local in restore_buffers:
+                buf.copy_(local)
 
     local = out[: stop - start]
     if world == 1:
@@ -127,6 +133,22 @@ def embed_images(
     dist.all_gather(gathered, padded, group=group)
     rows = [g[: max(0, min(per_rank, n - r * per_rank))] for r, g in enumerate(gathered)]
     return torch.cat(rows).cpu().numpy()
+
+
+def _use_first_rank_buffers(backbone: torch.nn.Module, group) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Makes every rank embed with the first rank's buffers (BatchNorm running statistics).
+
+    Data-parallel ranks see different batches, so their running statistics drift apart unless the
+    engine synchronises them (DDP broadcasts them every forward; DeepSpeed does not), and checkpoints
+    keep the first rank's. Returns (buffer, local value) pairs to put back afterwards.
+    """
+    src = dist.get_global_rank(group, 0)
+    saved = []
+    with torch.no_grad():
+        for buf in backbone.buffers():
+            saved.append((buf, buf.detach().clone()))
+            dist.broadcast(buf, src=src, group=group)
+    return saved
 
 
 def _stack(items) -> np.ndarray:
