@@ -206,31 +206,36 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     rows_all = torch.arange(bg, device=device)
     kept = None  # logits of the last chunk of pass 1, reused as the first chunk of pass 2
 
-    def chunk_logits(lo, hi):
-        """logits (Bg, c) acc, cos_raw (Bg, c), target entries (rows, cols) and filtered mask."""
+    def chunk_logits(lo, hi, want_cos=False):
+        """One chunk: logits (Bg, c) acc with plain entries s*cos (targets still plain), the target
+        entries (rows, cols), masks of clamped (|raw cos| > 1) and filtered entries (None when there
+        are none), the chunk's rows `w` and, if asked, the clamped cosines."""
         w = inp.centers[lo:hi].to(compute_dtype)                                   # (c, D), no copy if same
-        raw = (x_hat_c @ w.t()).to(acc).mul_(c_norm_inv[lo:hi][None, :])          # (Bg, c) cosines
-        cos = raw.clamp(-1.0, 1.0)
+        logits = (x_hat_c @ w.t()).to(acc).mul_(c_norm_inv[lo:hi][None, :])       # (Bg, c) raw cosines
+        lowest, highest = logits.aminmax()
+        clamped = (logits.abs() > 1.0) if (lowest < -1.0 or highest > 1.0) else None
+        logits.clamp_(-1.0, 1.0)
+        cos = logits.clone() if want_cos else None
         in_chunk = has_target & (target_col >= lo) & (target_col < hi)
         t_rows = rows_all[in_chunk]
         t_cols = target_col[in_chunk] - lo
-        logits = cos * s
+        cos_t = logits[t_rows, t_cols]
         filtered = None
         if tau > 0:
-            filtered = cos > tau
+            filtered = logits > tau
             filtered[t_rows, t_cols] = False
-            logits = logits.masked_fill(filtered, 0.0)
+            logits.masked_fill_(filtered, 0.0)
+        logits.mul_(s)
         if exclude:
             same = inp.row_labels[:, None] == inp.column_labels[lo:hi][None, :]
             same[t_rows, t_cols] = False
-            logits = logits.masked_fill(same, float("-inf"))
-        return logits, raw, t_rows, t_cols, filtered, w
+            logits.masked_fill_(same, float("-inf"))
+        return logits, cos_t, t_rows, t_cols, clamped, filtered, w, cos
 
     # pass 1: online max / sum-exp; target logits from the owning chunk
     for i, (lo, hi) in enumerate(chunks):
-        logits, raw, t_rows, t_cols, filtered, w = chunk_logits(lo, hi)
+        logits, cos_t, t_rows, t_cols, clamped, filtered, w, cos = chunk_logits(lo, hi, want_cos=bool(h))
         if t_rows.numel():
-            cos_t = raw[t_rows, t_cols].clamp(-1.0, 1.0)
             psi, dpsi = margin.target(cos_t)
             logits[t_rows, t_cols] = s * psi
             target_cos[t_rows] = cos_t
@@ -238,17 +243,17 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             target_dpsi[t_rows] = dpsi
         if h:
             # negatives only: logits of -inf are excluded entries, targets and filtered ones never count
-            neg = raw.clamp(-1.0, 1.0).masked_fill(torch.isneginf(logits), float("-inf"))
+            neg = cos.masked_fill_(torch.isneginf(logits), float("-inf"))
             neg[t_rows, t_cols] = float("-inf")
             if filtered is not None:
-                neg = neg.masked_fill(filtered, float("-inf"))
+                neg.masked_fill_(filtered, float("-inf"))
             v, c = _chunk_top_negatives(neg, lo, min(h, hi - lo))
             top_cos, top_col = _top_by_value_then_col(torch.cat([top_cos, v], 1), torch.cat([top_col, c], 1), h)
         new_max = torch.maximum(row_max, logits.max(dim=1).values)
-        row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(logits - new_max[:, None]).sum(dim=1)
+        row_sum = row_sum * torch.exp(row_max - new_max) + torch.sub(logits, new_max[:, None]).exp_().sum(dim=1)
         row_max = new_max
         if i == len(chunks) - 1 and need_grad:
-            kept = (logits, raw, t_rows, t_cols, filtered, w)
+            kept = (logits, t_rows, t_cols, clamped, filtered, w)
 
     global_max = all_reduce_(row_max.clone(), group, op=dist.ReduceOp.MAX)
     global_sum = all_reduce_(row_sum * torch.exp(row_max - global_max), group)
@@ -282,36 +287,39 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     # (A, D) in the centers' own dtype: a bfloat16 leaf gets its gradient rounded chunk by chunk
     grad_centers = (torch.empty(inp.centers.shape, dtype=inp.centers.dtype if inp.centers.dtype != torch.float16
                                 else acc, device=device) if center_grad else None)
+    # d loss / d cos_ij = s * p_ij * row_weight_i (minus s * row_weight_i at the target, whose entry
+    # also carries d psi / d cos); p_ij = exp(logit_ij - max_i) / sum_i: one per-row coefficient
+    coef = (s * row_weight * inv_sum)[:, None]                              # (Bg, 1)
     for lo, hi in reversed(chunks):
         if kept is not None:
-            logits, raw, t_rows, t_cols, filtered, w = kept
+            logits, t_rows, t_cols, clamped, filtered, w = kept
             kept = None
         else:
-            logits, raw, t_rows, t_cols, filtered, w = chunk_logits(lo, hi)
+            logits, _, t_rows, t_cols, clamped, filtered, w, _ = chunk_logits(lo, hi)
             if t_rows.numel():
                 logits[t_rows, t_cols] = target_logit[t_rows]
-        prob = torch.exp(logits - global_max[:, None]) * inv_sum[:, None]   # (Bg, c)
-        grad_logit = prob * row_weight[:, None]
+        grad_cos = logits.sub_(global_max[:, None]).exp_().mul_(coef)       # (Bg, c), in place
         if t_rows.numel():
-            grad_logit[t_rows, t_cols] -= row_weight[t_rows]
-        # d logit / d cos: s on plain entries, s * dpsi on targets, 0 on filtered or clamped entries
-        grad_cos = grad_logit * s
-        if t_rows.numel():
-            grad_cos[t_rows, t_cols] *= target_dpsi[t_rows]
-        inside = (raw >= -1.0) & (raw <= 1.0)
+            grad_cos[t_rows, t_cols] = (grad_cos[t_rows, t_cols] - s * row_weight[t_rows]) * target_dpsi[t_rows]
+        if clamped is not None:
+            grad_cos.masked_fill_(clamped, 0.0)
         if filtered is not None:
-            inside &= ~filtered
-        grad_cos = grad_cos * inside
+            grad_cos.masked_fill_(filtered, 0.0)
         # raw_ij = x_hat_i . w_j * inv_j. d x_hat_i = sum_j g_ij inv_j w_j; with
         # u_j = sum_i g_ij x_hat_i: d w_j = inv_j * u_j - w_j * inv_j^3 * (w_j . u_j)
         inv = c_norm_inv[lo:hi]
-        grad_x_hat += ((grad_cos * inv[None, :]).to(compute_dtype) @ w).to(acc)
+        g_c = grad_cos.to(compute_dtype)
+        gi = (grad_cos * inv[None, :]).to(compute_dtype)
+        if acc == compute_dtype:
+            grad_x_hat.addmm_(gi, w)
+        else:
+            grad_x_hat += (gi @ w).to(acc)
         if not center_grad:
             continue
-        u = (grad_cos.to(compute_dtype).t() @ x_hat_c).to(acc)                     # (c, D)
+        u = (g_c.t() @ x_hat_c).to(acc).mul_(inv[:, None])                    # (c, D) = inv_j * u_j
         w_acc = w.to(acc)
-        radial = (w_acc * u).sum(1, keepdim=True) * (inv * inv * inv)[:, None]
-        grad_centers[lo:hi] = u * inv[:, None] - w_acc * radial
+        radial = torch.linalg.vecdot(w_acc, u).mul_(inv * inv)                  # (c,)
+        grad_centers[lo:hi] = u.addcmul_(w_acc, radial[:, None], value=-1.0)
     grad_row = None
     if row_mask.any():
         p_row = torch.exp(target_logit - global_max) * inv_sum
