@@ -126,8 +126,9 @@ def export_backbone_weights(checkpoint: str, output: str, tag: str | None = None
 
 
 def load_backbone_state_dict(path: str, tag: str | None = None) -> dict[str, torch.Tensor]:
-    """Backbone weights from a `backbone.pt` file (weights only), a directory holding one, or a
-    DeepSpeed checkpoint directory (consolidated on the fly)."""
+    """Backbone weights from a `backbone.pt` file (weights only; a plain state dict, or one under the
+    key `state_dict` beside metadata), a directory holding one, or a DeepSpeed checkpoint directory
+    (consolidated on the fly)."""
     if os.path.isdir(path):
         exported = os.path.join(path, "backbone.pt")
         if tag is None and os.path.isfile(exported):
@@ -139,6 +140,8 @@ def load_backbone_state_dict(path: str, tag: str | None = None) -> dict[str, tor
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"{path}: not a weights-only state dict ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]        # the trainer's file: {"backbone", "embedding_size", "step", "state_dict"}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     return state

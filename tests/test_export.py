@@ -94,6 +94,9 @@ def test_zero_checkpoint_consolidates_to_the_trained_fp32_backbone(deepspeed_che
     save_backbone_state_dict(merged, str(path))
     loaded = torch.load(path, weights_only=True)
     build_backbone("tiny", embedding_size=16).load_state_dict(loaded, strict=True)
+    wrapped = tmp_path / "with_metadata.pt"
+    torch.save({"backbone": "tiny", "embedding_size": 16, "step": 2, "state_dict": merged}, wrapped)
+    assert all(torch.equal(load_backbone_state_dict(str(wrapped))[k], merged[k]) for k in merged)
     # the same through the directory entry points: checkpoint root, tag directory
     for where in (os.path.join(out, f"zero{stage}"), os.path.join(out, f"zero{stage}", "step2")):
         again = load_backbone_state_dict(where)
