@@ -108,6 +108,15 @@ def simulate(case, world, seed):
                                key=lambda j: -float(rand2[j - start]))
                 center_view = sorted(pos + rest2[:k - len(pos)])
             ranks.append(dict(active=active, hard=sorted(hard), positives=pos, center_view=center_view))
+        # metrics of the step (before its updates): queue fill, hard share, mean cosines of (row, column) pairs
+        xn = X / X.norm(dim=1, keepdim=True)
+        wn = Wt / Wt.norm(dim=1, keepdim=True)
+        hard_all = [j for rk in ranks for j in rk["hard"]]
+        random_all = [j for rk in ranks for j in rk["active"] if j not in rk["hard"] and j not in rk["positives"]]
+        metrics = dict(hard_queue_fill=sum(len(v) for v in queue.values()) / (NUM_CLASSES * c.queue_size),
+                       hard_negative_share=len(hard_all) / (len(hard_all) + len(random_all)),
+                       hard_negative_cos=float((xn @ wn[hard_all].t()).mean()) if hard_all else float("nan"),
+                       random_negative_cos=float((xn @ wn[random_all].t()).mean()))
         A1 = torch.tensor([j for rk in ranks for j in rk["active"]])
         t1 = torch.searchsorted(A1, Y)
         loss, dX, dW1 = dense_margin_softmax(X, Wt[A1], t1, s=SCALE, **MARGIN)
@@ -168,7 +177,7 @@ def simulate(case, world, seed):
                 table[k, slot] = q
                 scores[k, slot] = s if s is not None else -1.0
         records.append(dict(ranks=ranks, loss=loss, dX=dX, rows=rows, grad=grad, queue=table, score=scores,
-                            weight=Wt.clone()))
+                            weight=Wt.clone(), metrics=metrics))
     return records
 
 
@@ -213,8 +222,10 @@ def test_mutual_matches_single_process_simulation_and_dense_reference_uneven_sha
             if case["update"] == "score":
                 torch.testing.assert_close(torch.cat([g["score"] for g in got]), want["score"], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(torch.cat([g["weight"] for g in got]), want["weight"], rtol=1e-9, atol=1e-12)
-            for g in got:  # stats are global: identical on every rank
-                assert g["stats"]["hard_queue_fill"] == got[0]["stats"]["hard_queue_fill"]
+            for g in got:  # the metrics are global figures: the same on every rank
+                for key, value in want["metrics"].items():
+                    torch.testing.assert_close(g["stats"][key].double(), torch.tensor(value, dtype=torch.float64),
+                                               rtol=1e-9, atol=1e-12, equal_nan=True, msg=f"{name} step {t} {key}")
         # the run exercised both the queue and the random fill
         assert hard_used > 0 and random_used > 0, name
 

@@ -232,13 +232,14 @@ class MutualHead(ParametricHead):
         all_reduce_(figures, self.group)
         filled, slots, n_hard, n_random, cos_hard, cos_random = figures.tolist()
         nan = float("nan")
-        return {
-            "active_classes": torch.tensor(float(active.num_active)),
-            "hard_queue_fill": torch.tensor(filled / slots),
-            "hard_negative_share": torch.tensor(n_hard / (n_hard + n_random) if n_hard + n_random else 0.0),
-            "hard_negative_cos": torch.tensor(cos_hard / n_hard if n_hard else nan),
-            "random_negative_cos": torch.tensor(cos_random / n_random if n_random else nan),
+        figures = {
+            "active_classes": float(active.num_active),
+            "hard_queue_fill": filled / slots,
+            "hard_negative_share": n_hard / (n_hard + n_random) if n_hard + n_random else 0.0,
+            "hard_negative_cos": cos_hard / n_hard if n_hard else nan,
+            "random_negative_cos": cos_random / n_random if n_random else nan,
         }
+        return {key: torch.tensor(value, dtype=torch.float64) for key, value in figures.items()}
 
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
