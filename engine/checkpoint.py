@@ -250,12 +250,15 @@ def load_head_shards(head, directory: str, files: list[dict], rank: int, world_s
         raise CheckpointError(f"{directory}: head state is {layout!r}, the {head.name} head keeps {expected['layout']!r}")
     same_world = saved_world == world_size
     if layout == "keyed":
+        state = None
         if same_world:
             path = os.path.join(directory, files[rank]["file"])
             blob = safe_load(path)
             _check_head_blob(blob, path, head)
             state = blob["state"]
-        else:
+            if state.get("layout") == "replicated" and world_size > 1:
+                state = None     # each rank saved a disjoint share of a replicated memory: load the union
+        if state is None:
             merge = getattr(type(head), "merge_states", None)
             if merge is None:
                 raise CheckpointError(f"{directory}: the {head.name} head cannot merge keyed state across world sizes")

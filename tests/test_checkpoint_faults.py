@@ -20,10 +20,10 @@ import time
 
 import pytest
 import torch
+from multirank import free_port
 
 from engine.checkpoint import MANIFEST, read_latest, read_manifest, resolve, safe_load
 from engine.demo import rank_env
-from multirank import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "tools", "train.py")

@@ -10,10 +10,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
-from engine.checkpoint import (CheckpointError, head_file, load_head_shards, merge_head_files,
-                               reshard_checkpoint, safe_load, save_head_shard)
 from multirank import run_ranks
+
+from engine.checkpoint import (
+    CheckpointError,
+    head_file,
+    load_head_shards,
+    merge_head_files,
+    reshard_checkpoint,
+    safe_load,
+    save_head_shard,
+)
 from parallel.groups import ParallelState
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.config import MarginConfig, OptimizerConfig
@@ -279,3 +286,37 @@ def test_reshard_and_merge_tools_offline(saved, tmp_path):
     ref_w = torch.cat([r["mutual_score"]["state"]["weight"] for r in src["results"]])
     assert torch.equal(blob["per_class"]["weight"], ref_w) and blob["num_classes"] == C
     assert _tool("reshard")([directory, str(out), "--world-size", "2"]) == 2      # refuses a non-empty output
+
+
+@pytest.mark.parametrize("name,cfg", [
+    ("dcq", HeadConfig(type="dcq", extra=dict(queue_size=8, layout="sharded",
+                                              margin=dict(m1=1.0, m2=0.0, m3=0.3, scale=8.0)))),
+    ("dcq", HeadConfig(type="dcq", extra=dict(queue_size=8, layout="replicated",
+                                              margin=dict(m1=1.0, m2=0.0, m3=0.3, scale=8.0)))),
+    ("f2c", HeadConfig(type="f2c", extra=dict(pool_size=6, margin=dict(m1=1.0, m2=0.5, m3=0.0, scale=8.0)))),
+    ("mutual_score", case_configs()["mutual_score"]),
+])
+def test_memory_heads_reloaded_at_the_same_size_continue_bit_for_bit(tmp_path, name, cfg):
+    """A ring that wrapped (DCQ) and a pool that evicted (F2C) reload into the same slots: the next
+    steps' losses and states equal those of the head that was never saved."""
+    state = ParallelState.single("cpu")
+    head = build_head(cfg, state, C, D)
+
+    def run(h, steps):
+        losses = []
+        for step in steps:
+            x, y, batch = step_inputs(name, 1, 0, step)
+            out = h(x.requires_grad_(True), y, batch)
+            out.loss.backward()
+            h.step(0.5)
+            losses.append(float(out.loss.detach()))
+        return losses
+
+    run(head, range(5))
+    entry = save_head_shard(head, str(tmp_path / head_file(0)))
+    again = build_head(cfg, state, C, D)
+    load_head_shards(again, str(tmp_path), [entry], 0, 1, 1)
+    assert run(again, range(5, 9)) == run(head, range(5, 9))
+    a, b = head.sharded_state(), again.sharded_state()
+    for key in a:
+        assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key], key

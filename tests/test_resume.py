@@ -13,8 +13,17 @@ import os
 import pytest
 import torch
 
-from engine.checkpoint import (LATEST, MANIFEST, CheckpointError, InjectedCrash, checkpoint_tags, load_checkpoint,
-                               read_latest, resolve, safe_load)
+from engine.checkpoint import (
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    InjectedCrash,
+    checkpoint_tags,
+    load_checkpoint,
+    read_latest,
+    resolve,
+    safe_load,
+)
 from engine.config import load_config
 from engine.trainer import NonFiniteLoss, Trainer
 from parallel.groups import ParallelState

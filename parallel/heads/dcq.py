@@ -135,7 +135,9 @@ class DcqHead(MemoryHead):
         return {"kind": "dcq_queue", "queue_size": self.queue_size, "next_position": self.next_position,
                 "layout": self.layout, "world_size": self.world, "rank": self.rank,
                 "positions": self.positions[filled][order].cpu(), "keys": self.keys[filled][order].cpu(),
-                "labels": self.labels[filled][order].cpu()}
+                "labels": self.labels[filled][order].cpu(),
+                # ring layout, so a rank reloading its own state resumes with the same column order
+                "slots": filled.nonzero().flatten()[order].cpu(), "pointer": self.pointer}
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
@@ -156,6 +158,17 @@ class DcqHead(MemoryHead):
         positions, keys, labels = (state[k][order] for k in ("positions", "keys", "labels"))
         own = (state.get("world_size") == self.world and state.get("rank") == self.rank
                and state.get("layout") == self.layout)
+        if own and "slots" in state and (self.layout == "sharded" or self.world == 1):
+            slots = state["slots"][order].to(device=self.keys.device, dtype=torch.long)
+            self.keys.zero_()
+            self.labels.fill_(-1)
+            self.positions.fill_(-1)
+            self.keys[slots] = keys.to(self.keys)
+            self.labels[slots] = labels.to(self.labels)
+            self.positions[slots] = positions.to(self.positions)
+            self.pointer = int(state["pointer"])
+            self.next_position = int(state["next_position"])
+            return
         if own:
             take = torch.arange(positions.numel())
         else:

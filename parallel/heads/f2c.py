@@ -284,7 +284,9 @@ class F2cHead(MemoryHead):
         return {"kind": "f2c_pool", "pool_size": self.pool_size, "world_size": self.world, "rank": self.rank,
                 "commits": self.commits, "identities": torch.tensor(list(self.lru.keys()), dtype=torch.long),
                 "features": self.pool[slots].cpu(), "toggle": self.toggle[slots].cpu(),
-                "last_used": self.last_used[slots].cpu()}
+                "last_used": self.last_used[slots].cpu(),
+                # slot layout, so a rank reloading its own state resumes with the same column order
+                "slots": slots.cpu(), "free": torch.tensor(self.free, dtype=torch.long)}
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
@@ -301,6 +303,20 @@ class F2cHead(MemoryHead):
         if state.get("kind") != "f2c_pool":
             raise ValueError("not an F2C pool state (kind != 'f2c_pool')")
         ids = state["identities"]
+        if state.get("world_size") == self.world and state.get("rank") == self.rank and "slots" in state:
+            slots = state["slots"].to(device=self.pool.device, dtype=torch.long)      # LRU order
+            self.pool.zero_()
+            self.slot_identity.fill_(-1)
+            self.toggle.zero_()
+            self.last_used.fill_(-1)
+            self.pool[slots] = state["features"].to(self.pool)
+            self.slot_identity[slots] = ids.to(self.slot_identity)
+            self.toggle[slots] = state["toggle"].to(self.toggle)
+            self.last_used[slots] = state["last_used"].to(self.last_used)
+            self.lru = OrderedDict(zip(ids.tolist(), slots.tolist()))
+            self.free = state["free"].tolist()
+            self.commits = int(state["commits"])
+            return
         owned = class_owner(ids, self.num_classes, self.world) == self.rank
         order = torch.argsort(state["last_used"][owned])
         keep = owned.nonzero().flatten()[order][-self.slots:]                 # LRU first, newest kept
