@@ -15,8 +15,9 @@ One optimizer step = `optim.grad_accum` micro-batches per rank:
     head.step(lr * head_lr_scale, grad_scale=clip / loss_scale) if result.applied else head.skip_step()
 
 See engine/distributed_backbone.py for why no other factor appears. Checkpoints go through
-`engine.checkpoint.save_checkpoint(trainer, step)` / `load_checkpoint(trainer, path)` when that module
-exists; until then the backbone's fp32 weights are written to `<checkpoint dir>/backbone.pt`.
+`engine.checkpoint.save_checkpoint(trainer, step)` / `load_checkpoint(trainer, path)` (atomic, resumable
+mid-epoch and at another world size); SIGTERM/SIGINT/SIGUSR1 stop the loop at a step boundary agreed by
+all ranks, save and return (engine/preemption.py); a non-finite loss skips the step.
 """
 from __future__ import annotations
 
