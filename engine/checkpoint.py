@@ -874,3 +874,43 @@ def merge_head(src: str, output: str) -> dict:
     meta = _head_meta_from_file(src, files[0])
     blob = {"format": FORMAT_VERSION, **meta, **merge_head_files(src, files)}
     return atomic_save(blob, output)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+def bench_head_reshard(directory: str, num_classes: int, dim: int, world: int, new_world: int,
+                       dtype: torch.dtype = torch.float32) -> dict:
+    """Times writing a class-range head (rows + momentum) as `world` files, verifying their CRC-32, and
+    re-slicing it for `new_world` ranks (what each rank reads at load time). Returns one JSON-able dict."""
+    os.makedirs(directory, exist_ok=True)
+    entries, save_s = [], 0.0
+    for r in range(world):
+        shard = ClassShard(num_classes, world, r)
+        g = torch.Generator().manual_seed(r)
+        per_class = {"weight": torch.randn(shard.count, dim, generator=g).to(dtype),
+                     "momentum": torch.randn(shard.count, dim, generator=g).to(dtype)}
+        blob = {"format": FORMAT_VERSION, "type": "full", "num_classes": num_classes, "embedding_size": dim,
+                "layout": "class_range", "class_start": shard.start, "class_count": shard.count,
+                "per_class": per_class, "local": {}}
+        t = time.perf_counter()
+        info = atomic_save(blob, os.path.join(directory, head_file(r)))      # write, fsync, rename, CRC-32
+        save_s += time.perf_counter() - t
+        entries.append({"file": head_file(r), "layout": "class_range", "class_start": shard.start,
+                        "class_count": shard.count, **info})
+        del blob, per_class
+    t1 = time.perf_counter()
+    verify_files(directory, {"files": {e["file"]: e for e in entries}})
+    t2 = time.perf_counter()
+    for r in range(new_world):
+        shard = ClassShard(num_classes, new_world, r)
+        gather_class_range(entries, directory, shard.start, shard.count)
+    t3 = time.perf_counter()
+    total = sum(e["size"] for e in entries)
+    for e in entries:
+        os.remove(os.path.join(directory, e["file"]))
+    mb = total / 2 ** 20
+    return {"num_classes": num_classes, "dim": dim, "dtype": str(dtype).replace("torch.", ""), "world": world,
+            "new_world": new_world, "head_mb": round(mb, 1),
+            "save_s": round(save_s, 3), "save_mb_per_s": round(mb / save_s, 1),
+            "verify_crc_s": round(t2 - t1, 3), "reslice_s": round(t3 - t2, 3),
+            "reslice_mb_per_s": round(mb / (t3 - t2), 1)}
