@@ -30,13 +30,20 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     ensure_malloc_env()
-    from engine.trainer import run
+    from engine.checkpoint import CheckpointError
+    from engine.trainer import NonFiniteLoss, run
 
     try:
         run(args.config, args.overrides)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:
+        print(f"checkpoint error: {err}", file=sys.stderr)
+        return 3
+    except NonFiniteLoss as err:
+        print(f"training halted: {err}", file=sys.stderr)
+        return 4
     return 0
 
 
