@@ -162,6 +162,12 @@ class CenterBank(nn.Module):
                 g.index_add_(0, index[a:b] - lo, grad[a:b].to(self.math_dtype))
                 self._update_rows(rows, g, lr, momentum, weight_decay)
             return
+        if index is None and self.weight.dtype == self.math_dtype and self.momentum.dtype == self.math_dtype:
+            # every row, full-precision storage: in place, no copies
+            w, m = self.weight, self.momentum
+            m.mul_(momentum).add_(grad.to(self.math_dtype)).add_(w, alpha=weight_decay)
+            w.sub_(m, alpha=lr)
+            return
         if index is None:
             index = torch.arange(self.num_rows, device=self.weight.device)
         for lo in range(0, index.numel(), UPDATE_BLOCK):
