@@ -95,6 +95,28 @@ def raw_pixel_accuracy(bin_path: str) -> float:
     return verification_metrics(pixels, vset.issame, name="raw_pixels").accuracy
 
 
+def plot_summary(losses: list[float], trained: float | None, baseline: float, path: str) -> str:
+    """Loss per step and the two held-out accuracies, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [2.2, 1]})
+    ax_loss.plot(range(1, len(losses) + 1), losses, lw=1)
+    ax_loss.set(xlabel="step", ylabel="loss (global batch)", title="training loss")
+    ax_loss.grid(alpha=0.3)
+    names = ["raw pixels", "trained"]
+    values = [100 * baseline, 100 * trained if trained is not None else 0.0]
+    bars = ax_acc.bar(names, values, color=["#999999", "#2a7ab9"])
+    ax_acc.bar_label(bars, fmt="%.1f%%")
+    ax_acc.set(ylim=(40, 100), ylabel="10-fold accuracy (%)", title="held-out verification")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_demo(out_dir: str = "runs/demo", config: str = "configs/demo.yaml", ranks: int = 2,
              overrides: list[str] | None = None) -> dict:
     from engine.config import load_config
@@ -140,6 +162,7 @@ def run_demo(out_dir: str = "runs/demo", config: str = "configs/demo.yaml", rank
         "log": log_path, "tensorboard": result["tensorboard_dir"], "config": os.path.join(out_dir, "config.yaml"),
         "wall_seconds": time.perf_counter() - start,
     }
+    summary["plot"] = plot_summary(result["losses"], trained, baseline, os.path.join(out_dir, "demo.png"))
     with open(os.path.join(out_dir, "demo.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print("", flush=True)
@@ -152,5 +175,6 @@ def run_demo(out_dir: str = "runs/demo", config: str = "configs/demo.yaml", rank
     print(f"checkpoint : {result['checkpoint']}", flush=True)
     print(f"log        : {log_path}", flush=True)
     print(f"tensorboard: {result['tensorboard_dir']}  (tensorboard --logdir {result['tensorboard_dir']})", flush=True)
+    print(f"plot       : {summary['plot']}", flush=True)
     print(f"wall time  : {summary['wall_seconds']:.0f} s", flush=True)
     return summary
