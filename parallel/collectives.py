@@ -111,6 +111,49 @@ def gather_batch(x: torch.Tensor, group, grad_scale: float = 1.0) -> torch.Tenso
     return _GatherBatch.apply(x, group, grad_scale)
 
 
+class _GatheredBatch(torch.autograd.Function):
+    """Identity on an all-gather already completed; backward is the same reduce-scatter as gather_batch."""
+
+    @staticmethod
+    def forward(ctx, x, gathered, group, grad_scale):
+        ctx.group = group
+        ctx.grad_scale = grad_scale
+        return gathered
+
+    @staticmethod
+    def backward(ctx, grad_global):
+        grad_local = reduce_scatter_rows(grad_global, ctx.group)
+        if ctx.grad_scale != 1.0:
+            grad_local = grad_local * ctx.grad_scale
+        return grad_local, None, None, None
+
+
+class PendingGather:
+    """An all-gather of the batch in flight: `wait()` returns x_global with gather_batch's autograd."""
+
+    def __init__(self, x: torch.Tensor, group, grad_scale: float):
+        self.x, self.group, self.grad_scale = x, group, grad_scale
+        self.work = None
+        if group_size(group) > 1:
+            src = x.detach().contiguous()
+            _record("all_gather", src)
+            self.out = torch.empty((group_size(group) * src.shape[0],) + tuple(src.shape[1:]),
+                                   dtype=src.dtype, device=src.device)
+            self.work = _all_gather_single(self.out, src, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        if self.work is None:
+            return gather_batch(self.x, self.group, self.grad_scale)
+        self.work.wait()
+        return _GatheredBatch.apply(self.x, self.out, self.group, self.grad_scale)
+
+
+def gather_batch_async(x: torch.Tensor, group, grad_scale: float = 1.0) -> PendingGather:
+    """Starts gather_batch's all-gather and returns at once, so work that does not need the
+    embeddings (choosing the step's classes) overlaps the transfer."""
+    return PendingGather(x, group, grad_scale)
+
+
 class _AllReduceSum(torch.autograd.Function):
     """Forward: sum over ranks. Backward: the sum of the incoming gradients over ranks (the loss of
     every rank depends on every rank's input)."""

@@ -6,7 +6,7 @@ import math
 import torch
 
 from parallel.bank import DTYPES, CenterBank
-from parallel.collectives import all_gather_rows, gather_batch
+from parallel.collectives import PendingGather, all_gather_rows, gather_batch_async
 from parallel.groups import ParallelState
 from parallel.heads.base import Head, HeadOutput
 from parallel.heads.config import HeadConfig
@@ -59,15 +59,21 @@ class ParametricHead(Head):
     # -- the step ------------------------------------------------------------------------------
     def gather_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Checks this rank's batch; returns x_global (Bg, D) (gradient flows back to x) and labels_global (Bg,)."""
+        pending, labels_global = self.start_gather(x, labels)
+        return pending.wait(), labels_global
+
+    def start_gather(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[PendingGather, torch.Tensor]:
+        """Checks this rank's batch, gathers the labels and starts gathering the embeddings: returns
+        (pending x_global (Bg, D), labels_global (Bg,))."""
         if x.dim() != 2 or x.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(x.shape)}")
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must be ({x.shape[0]},), got {tuple(labels.shape)}")
         labels = labels.to(device=x.device, dtype=torch.long)
         check_labels(labels, self.num_classes, self.state.rank)
-        x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
         labels_global = all_gather_rows(labels, self.group)                                 # (Bg,)
-        return x_global, labels_global
+        pending = gather_batch_async(x, self.group, grad_scale=float(self.state.data_world))
+        return pending, labels_global
 
     def active_centers(self, rows: torch.Tensor | None) -> torch.Tensor:
         """The rows as a leaf tensor (A, D), requiring grad: in the softmax's accumulation dtype, or in
@@ -78,9 +84,10 @@ class ParametricHead(Head):
                                        else torch.float32).requires_grad_(True)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
-        x_global, labels_global = self.gather_inputs(x, labels)
-        active = self.select(labels_global)
+        pending, labels_global = self.start_gather(x, labels)
+        active = self.select(labels_global)            # overlaps the embeddings' all-gather
         centers = self.active_centers(active.rows)                                          # (A, D)
+        x_global = pending.wait()                                                           # (Bg, D)
         stats: dict = {}
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
                                    chunk_size=self.cfg.chunk_size, compute_dtype=self.compute_dtype,
