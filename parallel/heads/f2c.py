@@ -241,10 +241,14 @@ class F2cHead(MemoryHead):
         n = probes.shape[0]
         if n == 0 or h == 0:
             return probes.new_zeros((), dtype=self.acc_dtype).sum()
-        cos = F.normalize(probes.to(self.acc_dtype), dim=1) @ F.normalize(view.to(self.acc_dtype), dim=1).t()
-        k = min(h, cos.shape[1])
-        top = cos.topk(k, dim=1).values if k else cos.new_zeros(n, 0)                      # (N, k) sorted
-        padded = torch.cat([top.detach(), cos.new_full((n, h - k), float("-inf"))], 1)     # (N, h)
+        p_hat = F.normalize(probes.to(self.acc_dtype), dim=1)                              # (N, D)
+        w_hat = F.normalize(view.to(self.acc_dtype), dim=1)                                # (A, D)
+        k = min(h, w_hat.shape[0])
+        with torch.no_grad():                  # find the winners without a (N, A) autograd graph
+            top, top_col = (p_hat @ w_hat.t()).topk(k, dim=1) if k else (p_hat.new_zeros(n, 0),) * 2
+        # the winners' cosines again, differentiable: (N, k) dot products instead of a (N, A) backward
+        top = (p_hat[:, None, :] * w_hat[top_col.long()]).sum(-1) if k else top
+        padded = torch.cat([top.detach(), top.new_full((n, h - k), float("-inf"))], 1)     # (N, h)
         every = all_gather_rows(padded.t().contiguous(), self.group)                       # (W h, N)
         every = every.t()                                                                   # (N, W h) rank-major
         order = torch.argsort(every, dim=1, descending=True, stable=True)[:, :h]
