@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,11 @@ import torch.distributed as dist
 from torch import nn
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VERIFIED_DEEPSPEED = "0.19.8"    # the version whose backward/step semantics this module relies on
+
+
+def state_is_main(state) -> bool:
+    return getattr(state, "rank", 0) == 0
 
 
 def deepspeed_available() -> bool:
@@ -140,6 +146,11 @@ class DistributedBackbone:
     # ------------------------------------------------------------------------------------------ setup
     def _init_deepspeed(self, module):
         import deepspeed
+
+        if deepspeed.__version__ != VERIFIED_DEEPSPEED and state_is_main(self.state):
+            warnings.warn(f"deepspeed {deepspeed.__version__}: the gradient-accumulation and loss-scale handling "
+                          f"was verified for {VERIFIED_DEEPSPEED} (tests/test_engine_scaling.py); run those tests",
+                          stacklevel=2)
 
         self.ds_config = deepspeed_config(self.cfg, self.state.data_world)
         self.optimizer = build_optimizer(module.parameters(), self.cfg.optim, offload=offloads_optimizer(self.ds_config))
