@@ -219,12 +219,14 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield {**group[i], "jpg_b": group[j]["jpg"], "key_b": group[j]["__key__"]}
 
     def shuffled(self, items, rng):
-        """Shuffle buffer of `shuffle_buffer` items; starts yielding after 100 items and grows two items per
-        yield until full (as webdataset's shuffle), so the first batch does not wait for a full buffer."""
+        """Shuffle buffer of `shuffle_buffer` items, filled before the first item leaves it: identities
+        are contiguous inside shards, so a partly filled buffer would give the first batches of every
+        epoch only a few identities (a loss spike at each epoch start). It holds undecoded bytes, so
+        filling it is cheap."""
         if self.shuffle_buffer <= 1:
             yield from items
             return
-        initial = min(100, self.shuffle_buffer)
+        initial = self.shuffle_buffer
         items = iter(items)
         buffer = []
         for item in items:
