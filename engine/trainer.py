@@ -358,17 +358,17 @@ class Trainer:
                         eval_results = res
                         if self.eval_hook.last_was_best and not final:
                             self.save_checkpoint(reason="best")      # kept by retention
-                if cfg.checkpoint.every_n_steps and self.step % cfg.checkpoint.every_n_steps == 0 and not final:
-                    self.save_checkpoint()
                 if self.nonfinite["in_a_row"] >= cfg.checkpoint.max_nonfinite_steps:
                     path = self.save_checkpoint(reason="halted")
                     raise NonFiniteLoss(
                         f"step {self.step}: {self.nonfinite['in_a_row']} non-finite losses in a row "
                         f"({self.nonfinite['total']} in all); halted, checkpoint {path}. Lower optim.lr or enable "
                         "optim.clip_grad_norm / optim.head_clip_grad_norm, then resume from it")
-                if not final and self.preemption.should_stop(self.state.device):
+                if not final and self.preemption.should_stop(self.state.device):   # all ranks agree
                     stop_reason = f"stopped by {self.preemption.signal_name}"
                     break
+                if cfg.checkpoint.every_n_steps and self.step % cfg.checkpoint.every_n_steps == 0 and not final:
+                    self.save_checkpoint()
             checkpoint = self.save_checkpoint(reason=stop_reason)
             if stop_reason != "final" and self.is_main:
                 print(f"{stop_reason} at step {self.step}: checkpoint {checkpoint}; resume with "

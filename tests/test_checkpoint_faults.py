@@ -56,21 +56,23 @@ class Job:
         for item in overrides:
             cmd += ["--set", item]
         port = str(free_port())
-        self.procs, self.logs = [], []
+        self.procs, self.logs, self.offsets = [], [], []
         for rank in range(world):
             e = rank_env(world)
             e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                      MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", **(env or {}))
             log_path = os.path.join(out_dir, f"rank{rank}.log")
+            self.offsets.append(os.path.getsize(log_path) if os.path.exists(log_path) else 0)
             log = open(log_path, "a")
             self.logs.append(log_path)
             self.procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=log, stderr=subprocess.STDOUT,
                                                start_new_session=True))
             log.close()
-        self.offsets = [os.path.getsize(p) for p in self.logs]
 
     def text(self, rank=0) -> str:
+        """What this job's rank wrote (the log file also holds earlier jobs of the same run)."""
         with open(self.logs[rank]) as f:
+            f.seek(self.offsets[rank])
             return f.read()
 
     def wait_for(self, needle, rank=0, timeout=240) -> None:
