@@ -385,6 +385,10 @@ def backbone_state(backbone) -> dict:
         for n in names:
             for key, value in opt.state.get(params[n], {}).items():
                 per_param[n][key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+        if len(opt.state) > sum(1 for n in names if params[n] in opt.state):
+            # e.g. DeepSpeed's fp16 optimizer without ZeRO keeps its state on master copies
+            raise CheckpointError("the backbone optimizer keeps state on tensors other than the model's parameters "
+                                  "(DeepSpeed fp16 without ZeRO?): use a ZeRO stage >= 1 or engine: ddp")
     else:
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
