@@ -235,6 +235,10 @@ class Trainer:
         # resuming mid-epoch: the epoch's stream is rebuilt from its seed and the batches this rank had
         # consumed are read again and dropped, so the next batch is the one an uninterrupted run gets
         epoch, skip = self.data_position
+        try:
+            per_epoch = len(self.loader)        # known in resampled mode: a finished epoch is saved as the next
+        except TypeError:
+            per_epoch = None
         while True:
             self.loader.set_epoch(epoch)
             produced = 0
@@ -242,7 +246,7 @@ class Trainer:
                 produced += 1
                 if produced <= skip:
                     continue
-                self.data_position = (epoch, produced)
+                self.data_position = (epoch + 1, 0) if produced == per_epoch else (epoch, produced)
                 yield batch
             if produced == 0:
                 raise RuntimeError(f"{self.data_dir}: the loader produced no batches for rank {self.state.rank}")

@@ -92,6 +92,19 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bit_for_bit(tiny_data
     assert_same(weights(second), reference["final"])
 
 
+def test_resume_at_an_epoch_boundary_in_resampled_mode_matches_uninterrupted(tiny_data, tmp_path):
+    # resampled shards, 5 steps an epoch: interrupted exactly at the end of epoch 0, resumed into epoch 1
+    extra = ["data.resampled=true", "data.num_images=40", "schedule.steps=8"]
+    ref_trainer, ref = train(str(tmp_path / "ref"), tiny_data, extra=extra)
+    out = str(tmp_path / "run")
+    first, r1 = train(out, tiny_data, max_steps=5, extra=extra)
+    assert first.data_position == (1, 0)            # epoch 0 consumed: nothing of it is read again
+    second, r2 = train(out, tiny_data, extra=[*extra, "checkpoint.resume=auto"])
+    assert r1.losses + r2.losses == ref.losses and len(ref.losses) == 8
+    assert second.data_position == (1, 3)
+    assert_same(weights(second), weights(ref_trainer))
+
+
 @pytest.mark.parametrize("stage", ["after_backbone", "after_head", "before_manifest", "before_rename",
                                    "before_latest"])
 def test_save_interrupted_at_any_stage_leaves_previous_checkpoint_loadable(tiny_data, reference, tmp_path,
