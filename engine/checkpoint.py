@@ -479,13 +479,15 @@ def load_backbone_state(backbone, blob: dict, path: str) -> None:
                 backbone.module.load_state_dict({k: v.to(state[k].dtype) for k, v in weights.items()})
             keys = sorted({k for entries in blob["optimizer_state"].values() for k in entries})
             # the optimizer has not stepped yet after a restart: create its state, then link DeepSpeed's views
-            for group in base.param_groups:
-                for flat in group["params"]:
-                    st = base.state.setdefault(flat, {})
-                    for key in keys:
-                        st.setdefault(key, torch.zeros_like(flat))
-                    for key, value in blob["optimizer_scalars"].items():
-                        st[key] = value.clone() if torch.is_tensor(value) else value
+            # the flat fp32 partitions the wrapped optimizer steps (ZeRO-3 attaches them only during its step)
+            flats = list(getattr(zero_opt, "fp32_partitioned_groups_flat", None) or
+                         [flat for group in base.param_groups for flat in group["params"]])
+            for flat in flats:
+                st = base.state.setdefault(flat, {})
+                for key in keys:
+                    st.setdefault(key, torch.zeros_like(flat))
+                for key, value in blob["optimizer_scalars"].items():
+                    st[key] = value.clone() if torch.is_tensor(value) else value
             if hasattr(zero_opt, "_lazy_init_hp_params_optimizer_state"):     # DeepSpeed's per-parameter views
                 zero_opt._hp_optimizer_states_linked = False
                 zero_opt._lazy_init_hp_params_optimizer_state()
