@@ -3,11 +3,11 @@ against the global FIFO, re-slicing a queue at another world size, and validatio
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dcq_softmax import WORLDS, memory_head_runs
 
 from parallel.groups import ParallelState
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.dcq import DcqHead
-from test_dcq_softmax import WORLDS, in_subgroups
 
 SCALE, MARGIN = 8.0, 0.3
 
@@ -107,18 +107,14 @@ def problem(world):
                           "positions": p, "keys": k, "labels": y}
 
 
-def all_worlds(state):
-    def one(sub, world):
-        seed, queue_size, reload_state = problem(world)
-        return dcq_rank(sub, world, BATCH, DIM, queue_size, STEPS, seed, reload_state)
-    return in_subgroups(state, one)
+def dcq_case(sub, world):
+    seed, queue_size, reload_state = problem(world)
+    return dcq_rank(sub, world, BATCH, DIM, queue_size, STEPS, seed, reload_state)
 
 
 @pytest.fixture(scope="module")
 def per_world():
-    from multirank import run_ranks
-    per_rank = run_ranks(all_worlds, max(WORLDS))
-    return {w: [pr[w] for pr in per_rank[:w]] for w in WORLDS}
+    return memory_head_runs()["dcq"]
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -1,5 +1,7 @@
 """The margin softmax's per-row extra column (`row_centers`), same-label exclusion (`column_labels`)
 and row selection (`valid`) against an independent dense float64 reference, for W = 1..4."""
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,15 +118,30 @@ def in_subgroups(state, fn, *args):
     return out
 
 
-def all_worlds(state):
-    return in_subgroups(state, lambda sub, world: rank_run(sub, world, BATCH, COLUMNS, DIM, 100 + world, CHUNKS))
+def softmax_case(sub, world):
+    return rank_run(sub, world, BATCH, COLUMNS, DIM, 100 + world, CHUNKS)
+
+
+def all_memory_head_cases(state):
+    """Every multi-rank case of the DCQ / F2C tests (process start-up dominates their cost)."""
+    import test_dcq_head
+    import test_f2c_head
+
+    cases = {"softmax": softmax_case, "dcq": test_dcq_head.dcq_case, "f2c": test_f2c_head.f2c_case}
+    return in_subgroups(state, lambda sub, world: {name: fn(sub, world) for name, fn in cases.items()})
+
+
+@functools.lru_cache(maxsize=None)
+def memory_head_runs() -> dict:
+    """{case: {world: [per-rank result]}} from one spawn of max(WORLDS) ranks, shared by the modules."""
+    from multirank import run_ranks
+    per_rank = run_ranks(all_memory_head_cases, max(WORLDS))
+    return {case: {w: [pr[w][case] for pr in per_rank[:w]] for w in WORLDS} for case in ("softmax", "dcq", "f2c")}
 
 
 @pytest.fixture(scope="module")
 def per_world():
-    from multirank import run_ranks
-    per_rank = run_ranks(all_worlds, max(WORLDS))
-    return {w: [pr[w] for pr in per_rank[:w]] for w in WORLDS}
+    return memory_head_runs()["softmax"]
 
 
 @pytest.mark.parametrize("world", WORLDS)

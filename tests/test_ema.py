@@ -20,7 +20,7 @@ def test_ema_follows_momentum_formula_for_parameters_and_buffers():
     for (k, a), b in zip(ema.module.state_dict().items(), net.state_dict().values()):
         assert torch.equal(a, b.float()), f"{k} is not an exact copy at the start"
     expected = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    for step in range(3):
+    for _ in range(3):
         net.train()
         net(torch.randn(4, 3, 8, 8)).sum().backward()           # changes BN running stats and counter
         with torch.no_grad():

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_dcq_softmax import WORLDS, memory_head_runs
 
 from parallel.groups import ParallelState
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.f2c import F2cHead
 from parallel.sharding import ClassShard, class_owner
-from test_dcq_softmax import WORLDS, in_subgroups
 
 SCALE, M2 = 8.0, 0.5
 HALF, DIM, STEPS = 3, 5, 6            # per rank and side: 2 identity pairs + 1 instance row
@@ -150,15 +150,13 @@ def simulate(world, seed):
     return out
 
 
-def all_worlds(state):
-    return in_subgroups(state, lambda sub, world: f2c_rank(sub, world, 70 + world))
+def f2c_case(sub, world):
+    return f2c_rank(sub, world, 70 + world)
 
 
 @pytest.fixture(scope="module")
 def per_world():
-    from multirank import run_ranks
-    per_rank = run_ranks(all_worlds, max(WORLDS))
-    return {w: [pr[w] for pr in per_rank[:w]] for w in WORLDS}
+    return memory_head_runs()["f2c"]
 
 
 @pytest.mark.parametrize("world", WORLDS)
