@@ -542,6 +542,11 @@ def _all_gather_objects(obj) -> list:
     return out
 
 
+def _tag_step(tag: str | None) -> int:
+    match = TAG_PATTERN.match(tag or "")
+    return int(match.group(1)) if match else -1
+
+
 def checkpoint_tags(directory: str) -> list[str]:
     """Complete checkpoints in `directory` (tag dirs with a manifest), oldest first."""
     if not os.path.isdir(directory):
@@ -563,7 +568,10 @@ def save_checkpoint(trainer, step: int, *, reason: str = "periodic") -> str:
     exists = [os.path.exists(os.path.join(final, MANIFEST))]     # this step is saved already (halt, signal)
     if dist.is_initialized():
         dist.broadcast_object_list(exists, src=0)
-    if exists[0]:
+    if exists[0]:       # complete already (a stop at a periodic step, or saved before a kill that beat `latest`)
+        if rank == 0 and read_latest(root) != tag and _tag_step(read_latest(root)) < step:
+            atomic_write_text(os.path.join(root, LATEST), tag)
+        _barrier()
         return final
     if rank == 0:
         os.makedirs(root, exist_ok=True)
@@ -807,15 +815,19 @@ def load_checkpoint(trainer, path: str) -> int:
 
 
 def resume_path(cfg_resume: str, checkpoint_dir: str) -> str | None:
-    """`checkpoint.resume`: a path, or "auto" (the newest complete checkpoint in `checkpoint_dir`, or
-    None to start fresh)."""
+    """`checkpoint.resume`: a path, or "auto": the newest complete checkpoint in `checkpoint_dir` (the
+    one `latest` names, or a newer complete one when a kill came between its rename and `latest`),
+    or None to start fresh."""
     if cfg_resume != "auto":
         return cfg_resume or None
     root = os.path.abspath(checkpoint_dir)
-    if read_latest(root) is not None:
-        return root
     tags = checkpoint_tags(root)
-    return os.path.join(root, tags[-1]) if tags else None
+    latest = read_latest(root)
+    if tags and _tag_step(tags[-1]) > _tag_step(latest):
+        return os.path.join(root, tags[-1])
+    if latest is not None:
+        return root
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- offline tools
