@@ -205,10 +205,10 @@ def _check_head_blob(blob: dict, path: str, head) -> None:
             raise CheckpointError(f"{path}: head {key} is {blob.get(key)!r}, this run has {value!r}")
 
 
-def gather_class_range(files: list[dict], directory: str, start: int, count: int, head=None) -> tuple[dict, dict]:
-    """Per-class tensors of classes [start, start + count) concatenated by class id from the head files
-    that overlap the range (memory-mapped; only those files are opened). Returns (per_class, sources)
-    where sources maps each file read to its blob's rank-local state."""
+def gather_class_range(files: list[dict], directory: str, start: int, count: int, head=None) -> dict:
+    """{name: tensor (count, ...)}: the per-class tensors of classes [start, start + count) concatenated by
+    class id from the head files that overlap the range (memory-mapped; only those files are opened).
+    With `head`, each file's head type, num_classes and D are checked against it."""
     pieces: dict[str, list[torch.Tensor]] = {}
     covered = start
     for entry in sorted(files, key=lambda e: e["class_start"]):
