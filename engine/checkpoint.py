@@ -34,8 +34,7 @@ world size every rank loads its own file unchanged (bit-exact resume).
 
 Resuming mid-epoch. The loader is a deterministic function of (seed, epoch, rank, worker); the trainer
 records (epoch, batches consumed) and a resumed run rebuilds the epoch's stream and fast-forwards past
-the consumed batches (they are read and decoded again, then dropped: the cost of one partial epoch of
-input, no compute). RNG states (python, numpy, torch, the head's samplers and its stochastic-rounding
+the consumed batches (their tar bytes are read again, their images are not decoded: `skip_decoding`). RNG states (python, numpy, torch, the head's samplers and its stochastic-rounding
 stream) are restored, so an interrupted run continues bit-for-bit at the same world size on CPU.
 
 Everything read back goes through `torch.load(..., weights_only=True)`; DeepSpeed's own files, which
@@ -326,6 +325,59 @@ def reslice_head_files(directory: str, files: list[dict], world_size: int) -> li
         out.append({"layout": "class_range", "class_start": shard.start, "class_count": shard.count,
                     "per_class": gather_class_range(files, directory, shard.start, shard.count), "local": {}})
     return out
+
+
+# ---------------------------------------------------------------------------------------------- data position
+
+class SkipDecoder:
+    """The loader's image decoder for a fast-forward: a worker's first `calls[worker]` images come back
+    blank (no JPEG decode; the flip draws from the worker's random stream happen as before), the rest
+    from the real decoder."""
+
+    def __init__(self, real, calls: list[int], size: int):
+        self.real, self.calls, self.size = real, calls, size
+        self.used = 0
+
+    def __call__(self, data):
+        info = torch.utils.data.get_worker_info()
+        if self.used < self.calls[info.id if info is not None else 0]:
+            self.used += 1
+            return np.zeros((self.size, self.size, 3), np.uint8)
+        return self.real(data)
+
+
+def skip_decoding(loader, batches: int):
+    """Makes the next epoch of `loader` (a ShardLoader, or a loader holding `identity`/`instance` ones)
+    hand out its first `batches` batches without decoding their images; the trainer drops them.
+    Returns a function that puts the real decoders back (call it when that epoch ends), or None.
+
+    Batch i of an epoch comes from worker i mod num_workers (the DataLoader takes them in turn), so worker
+    w skips its first ceil((batches - w) / num_workers) batches. That holds while every worker still has
+    batches: always in resampled mode, and with one worker; a finite-mode loader with several workers
+    decodes what it skips. Assumes the skipped batches decoded without error when they were first read
+    (an undecodable image then shifted the later samples by one)."""
+    from engine.data.loader import IMAGE_SIZE, ShardLoader
+
+    loaders = [loader] if isinstance(loader, ShardLoader) else \
+        [getattr(loader, name, None) for name in ("identity", "instance")]
+    undo = []
+    for item in loaders:
+        if not isinstance(item, ShardLoader):
+            continue
+        stream, workers = item.stream, max(1, item.num_workers)
+        if workers > 1 and not stream.resampled:
+            continue
+        per_batch = stream.batch_size * (1 if stream.mode == "instance" else 2)
+        calls = [(batches // workers + (w < batches % workers)) * per_batch for w in range(workers)]
+        undo.append((stream, stream.decoder))
+        stream.decoder = SkipDecoder(stream.decoder, calls, IMAGE_SIZE)
+    if not undo:
+        return None
+
+    def restore():
+        for stream, decoder in undo:
+            stream.decoder = decoder
+    return restore
 
 
 # ---------------------------------------------------------------------------------------------- RNG

@@ -233,7 +233,8 @@ class Trainer:
 
     def _batches(self):
         # resuming mid-epoch: the epoch's stream is rebuilt from its seed and the batches this rank had
-        # consumed are read again and dropped, so the next batch is the one an uninterrupted run gets
+        # consumed are read again (without decoding) and dropped, so the next batch is the one an
+        # uninterrupted run gets
         epoch, skip = self.data_position
         try:
             per_epoch = len(self.loader)        # known in resampled mode: a finished epoch is saved as the next
@@ -241,13 +242,23 @@ class Trainer:
             per_epoch = None
         while True:
             self.loader.set_epoch(epoch)
+            restore = None
+            if skip:        # the skipped batches come back undecoded (engine/checkpoint.py)
+                from engine.checkpoint import skip_decoding
+
+                restore = skip_decoding(self.loader, skip)
             produced = 0
             for batch in self.loader:
                 produced += 1
                 if produced <= skip:
+                    if produced == skip and restore is not None:
+                        restore()           # the rest of the epoch is decoded as usual
+                        restore = None
                     continue
                 self.data_position = (epoch + 1, 0) if produced == per_epoch else (epoch, produced)
                 yield batch
+            if restore is not None:
+                restore()
             if produced == 0:
                 raise RuntimeError(f"{self.data_dir}: the loader produced no batches for rank {self.state.rank}")
             epoch, skip = epoch + 1, 0

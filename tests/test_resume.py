@@ -92,6 +92,25 @@ def test_interrupted_and_resumed_run_matches_uninterrupted_bit_for_bit(tiny_data
     assert_same(weights(second), reference["final"])
 
 
+def test_fast_forward_reads_but_does_not_decode_the_consumed_batches(tiny_data, reference, tmp_path):
+    out = str(tmp_path / "run")
+    train(out, tiny_data, max_steps=3)
+    trainer = Trainer(make_cfg(out, tiny_data, ["checkpoint.resume=auto"]), ParallelState.single("cpu"),
+                      metrics=False)
+    stream = trainer.loader.stream
+    real, decoded = stream.decoder, []
+
+    def counting(data):
+        decoded.append(len(data))
+        return real(data)
+
+    stream.decoder = counting
+    result = trainer.fit()
+    assert result.losses == reference["losses"][3:]
+    assert len(decoded) == (STEPS - 3) * 8           # only the batches trained on were decoded
+    assert stream.decoder is counting                # the real decoder is back after the epoch's skip
+
+
 def test_resume_at_an_epoch_boundary_in_resampled_mode_matches_uninterrupted(tiny_data, tmp_path):
     # resampled shards, 5 steps an epoch: interrupted exactly at the end of epoch 0, resumed into epoch 1
     extra = ["data.resampled=true", "data.num_images=40", "schedule.steps=8"]
