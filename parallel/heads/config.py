@@ -66,7 +66,7 @@ class MutualConfig:
 
     queue_size: int = 16
     top_h: int = 4
-    hard_share: float = 0.5
+    hard_share: float = 0.25
     update: str = "score"
     decay: float = 0.9
     interaction: str = "refresh"
