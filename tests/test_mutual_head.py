@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from reference_softmax import dense_margin_softmax
 
 from parallel.groups import ParallelState
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.config import MarginConfig, MutualConfig, OptimizerConfig
 from parallel.sharding import ClassShard
-from reference_softmax import dense_margin_softmax
 
 SCALE = 8.0
 MARGIN = dict(m1=1.0, m2=0.5, m3=0.0)
