@@ -10,7 +10,6 @@ torch.optim.SGD updates every row.
 from __future__ import annotations
 
 import math
-import resource
 import statistics
 import time
 
@@ -18,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+from engine.launch import MALLOC_ENV
+from engine.metrics import peak_rss_bytes, rss_bytes
 from parallel.bank import initial_rows
 from parallel.collectives import all_gather_rows, gather_batch
 from parallel.heads import HeadConfig, build_head
@@ -25,10 +26,6 @@ from parallel.heads.config import MarginConfig, OptimizerConfig
 from parallel.heads.memory import synthetic_batch
 from parallel.heads.sampling import sample_rows
 from parallel.sharding import ClassShard
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 class NaiveHead(torch.nn.Module):
@@ -71,7 +68,14 @@ class NaiveHead(torch.nn.Module):
         return -torch.log(p_target.clamp_min(1e-30)).mean()
 
 
+ALLOCATOR_ENV = {
+    "training": MALLOC_ENV,
+    "exact": {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 20), "MALLOC_TOP_PAD_": "0"},
+}
+
+
 def _bench_rank(state, cfg: dict):
+    baseline_rss = rss_bytes()  # torch imported, process group up, nothing of the step built yet
     torch.manual_seed(cfg["seed"] + state.rank)
     dtype = cfg["dtype"]
     backbone = None
@@ -79,6 +83,8 @@ def _bench_rank(state, cfg: dict):
         from models import build_backbone
         backbone = build_backbone(cfg["backbone"], embedding_size=cfg["dim"]).to(memory_format=torch.channels_last)
         backbone_opt = torch.optim.SGD(backbone.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        if state.world_size > 1:  # data parallel: gradients averaged over the ranks, as in training
+            backbone = torch.nn.parallel.DistributedDataParallel(backbone)
     margin = MarginConfig(m1=1.0, m2=0.5, m3=0.0, scale=64.0)
     kind = cfg["impl"]
     if kind == "naive":
@@ -111,10 +117,14 @@ def _bench_rank(state, cfg: dict):
             opt.step()
             opt.zero_grad(set_to_none=True)
         else:
-            out = head(x, labels, synthetic_batch(head, b, gen))
-            out.loss.backward()
+            loss = head(x, labels, synthetic_batch(head, b, gen)).loss
+            loss.backward()
             head.step(lr=0.1)
             active = head.last_active.num_active if hasattr(head, "last_active") else head.active_columns
+        if backbone is not None:
+            backbone_opt.step()
+            backbone_opt.zero_grad(set_to_none=True)
+        del loss, x  # as in training: nothing of this step's graph outlives it
         t = time.perf_counter() - t0
         if it >= cfg["warmup"]:
             times.append(t)
@@ -131,19 +141,27 @@ def _bench_rank(state, cfg: dict):
         torch.mm(xa, wa)
         mm_times.append(time.perf_counter() - t0)
     mm_peak = 2.0 * bg * d * active / min(mm_times) / 1e9
-    return dict(step_seconds=times, active=active, peak_rss=peak_rss_bytes(), gflops_matmul_peak=mm_peak)
+    return dict(step_seconds=times, active=active, peak_rss=peak_rss_bytes(), baseline_rss=baseline_rss,
+                gflops_matmul_peak=mm_peak)
 
 
 def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype="float32", chunk_size=8192,
                  steps=5, warmup=2, seed=0, naive=True, storage_dtype="float32", momentum_dtype="float32",
-                 backbone=None, timeout=3600.0) -> dict:
-    """Runs ours (and the naive head) on `world` local gloo ranks; returns one JSON-able record."""
+                 backbone=None, timeout=3600.0, allocator="training") -> dict:
+    """Runs ours (and the naive head) on `world` local gloo ranks; returns one JSON-able record.
+
+    `allocator`: glibc settings of the rank processes. "training": those of training ranks
+    (engine/launch.py; freed heap memory is kept for the next step, so the peak RSS includes what the
+    allocator holds). "exact": every allocation of 1 MiB or more is its own mapping, returned when
+    freed, so the peak RSS is the peak of live tensors (what the planner predicts). Both are fixed
+    thresholds: glibc's default moves with the history of frees, and with it the peak."""
     from engine.plan import PlanInput, plan
     from parallel.local_ranks import run_ranks
+    env = ALLOCATOR_ENV[allocator]
     cfg = dict(classes=classes, dim=dim, batch=batch, sample_rate=sample_rate, head=head, dtype=dtype,
                chunk_size=chunk_size, steps=steps, warmup=warmup, seed=seed, storage_dtype=storage_dtype,
                momentum_dtype=momentum_dtype, backbone=backbone)
-    ours = run_ranks(_bench_rank, world, args=(dict(cfg, impl="ours"),), timeout=timeout)
+    ours = run_ranks(_bench_rank, world, args=(dict(cfg, impl="ours"),), timeout=timeout, env=env)
     step = statistics.median(max(r["step_seconds"][i] for r in ours) for i in range(steps))
     active = ours[0]["active"]
     bg = batch * world
@@ -154,16 +172,21 @@ def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype=
         gflops_achieved=6.0 * bg * dim * active / step / 1e9,
         gflops_matmul_peak=statistics.median(r["gflops_matmul_peak"] for r in ours),
         peak_rss_bytes_per_rank=max(r["peak_rss"] for r in ours),
-        momentum_dtype=momentum_dtype, backbone=backbone,
+        momentum_dtype=momentum_dtype, backbone=backbone, allocator=allocator,
+        baseline_rss_bytes_per_rank=max(r["baseline_rss"] for r in ours),
     )
+    # the planner with this machine's measured process baseline (it varies with the CPU, the libraries
+    # loaded and what the launching process imported)
     predicted = plan(PlanInput(classes=classes, dim=dim, world=world, sample_rate=sample_rate, batch=batch,
                                head=head, storage_dtype=storage_dtype, compute_dtype=dtype,
-                               momentum_dtype=momentum_dtype, chunk_size=chunk_size, backbone=backbone))
+                               momentum_dtype=momentum_dtype, chunk_size=chunk_size, backbone=backbone,
+                               process_baseline=record["baseline_rss_bytes_per_rank"]))
     record["planned_peak_bytes_per_rank"] = predicted.total
+    record["planned_components"] = predicted.components
     record["fraction_of_matmul_peak"] = record["gflops_achieved"] / record["gflops_matmul_peak"]
     if naive:
         base = run_ranks(_bench_rank, world, args=(dict(cfg, impl="naive", dtype="float32"),),
-                         timeout=timeout)
+                         timeout=timeout, env=env)
         nstep = statistics.median(max(r["step_seconds"][i] for r in base) for i in range(steps))
         record.update(naive_step_seconds_median=nstep,
                       naive_peak_rss_bytes_per_rank=max(r["peak_rss"] for r in base),

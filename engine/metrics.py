@@ -19,12 +19,18 @@ PREFIX = "shardface"
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0)
 
 
-def _rss_bytes() -> float:
+def rss_bytes() -> int:
+    """Resident bytes of this process now."""
     try:
         with open("/proc/self/statm") as f:
-            return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:  # not Linux
-        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    """Largest resident bytes of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _format_eta(seconds: float) -> str:
@@ -125,7 +131,7 @@ class TrainMetrics:
         if active_classes is not None:
             self.active_classes.set(active_classes)
         self.samples_per_second.set(samples / seconds if seconds > 0 else 0.0)
-        self.memory.labels(*self._values, "rss").set(_rss_bytes())
+        self.memory.labels(*self._values, "rss").set(rss_bytes())
         if torch.cuda.is_available():
             self.memory.labels(*self._values, "device_allocated").set(torch.cuda.memory_allocated())
             self.memory.labels(*self._values, "device_peak").set(torch.cuda.max_memory_allocated())

@@ -2,7 +2,7 @@
 classes that fits a memory budget.
 
 The head terms follow the code: parallel/bank.py (rows, momentum, int8 scales), parallel/softmax.py
-(active rows as a float32 leaf, their gradient formed in the forward and scaled in the backward,
+(active rows as a float32 leaf, bfloat16 with bfloat16 storage, their gradient formed in the forward and scaled in the backward,
 logit chunks), parallel/heads/sampling.py (one float32 priority per local class) and the heads'
 queues. Backbone activations are measured, not guessed: a batch-2 forward on the meta device with
 saved-tensor hooks counts exactly what autograd keeps.
@@ -14,8 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from parallel.bank import DTYPES, update_workspace_bytes
+
 BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-PROCESS_BASELINE = 360 * 2**20   # resident bytes of a rank with torch imported and gloo initialised (measured)
+# Resident bytes of a rank with torch imported and gloo initialised, before anything of the step exists.
+# Measured 222 MiB for a bare rank and up to ~480 MiB when the launching process had imported more
+# (pytest, DeepSpeed): the default sits in between; pass the figure of your own launcher for a tighter plan.
+PROCESS_BASELINE = 360 * 2**20
 LOGIT_TEMPORARIES = 6            # (Bg, chunk) float32 tensors alive at once inside a softmax chunk
 
 
@@ -39,6 +44,7 @@ class PlanInput:
     backbone_optimizer: str = "sgd"  # sgd (momentum) | adamw
     zero_stage: int = 0
     mixed_precision: str = "float32"
+    process_baseline: int = PROCESS_BASELINE
 
 
 @dataclass
@@ -70,11 +76,12 @@ def head_bytes(p: PlanInput) -> dict:
         out["head_optimizer_state"] = mom
         out["head_sampling"] = 4 * c_r if p.head != "full" else 0
         # active rows (the leaf), their gradient formed in forward and its scaled copy in backward:
-        # float32, or bfloat16 in the lean mode (bfloat16 storage and GEMMs)
-        leaf = 2 if (p.storage_dtype == "bfloat16" and p.compute_dtype == "bfloat16") else 4
+        # float32, or bfloat16 in the lean mode (bfloat16 storage)
+        leaf = 2 if p.storage_dtype == "bfloat16" else 4
         out["head_active_rows_and_grads"] = 3 * active * d * leaf
-        if p.update == "dense":
-            out["head_dense_update"] = 0  # blockwise: no full-size temporaries
+        # the optimizer step works in blocks of rows (dense mode: of every row, each block once)
+        out["head_update_workspace"] = update_workspace_bytes(
+            c_r if p.update == "dense" else active, d, DTYPES[p.storage_dtype], DTYPES[p.momentum_dtype])
         if p.head == "mutual":
             out["head_queues"] = 8 * c_r * p.queue_size
         chunk = min(p.chunk_size, active)
@@ -127,7 +134,7 @@ def backbone_bytes(p: PlanInput) -> dict:
 
 
 def plan(p: PlanInput) -> Plan:
-    components = {"process_baseline": PROCESS_BASELINE}
+    components = {"process_baseline": p.process_baseline}
     components.update(head_bytes(p))
     components.update(backbone_bytes(p))
     return Plan(p, components)

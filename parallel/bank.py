@@ -25,7 +25,7 @@ from torch import nn
 from parallel.sharding import ClassShard
 
 INIT_BLOCK = 1 << 16    # classes per seeded block of initial rows
-UPDATE_BLOCK = 1 << 15  # rows per block of an optimizer step
+UPDATE_BLOCK = 1 << 13  # rows per block of an optimizer step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64, "int8": torch.int8}
@@ -43,6 +43,19 @@ def initial_rows(start: int, count: int, dim: int, std: float, seed: int,
         a, b = max(lo, start), min(hi, start + count)
         out[a - start:b - start] = rows[a - lo:b - lo].to(dtype)
     return out
+
+
+def update_workspace_bytes(active_rows: int, dim: int, storage_dtype: torch.dtype,
+                           momentum_dtype: torch.dtype) -> int:
+    """Largest transient memory of one `sgd_step` (a block's float32 temporaries): gradient, rows,
+    d_p and momentum, plus the decode/encode buffers of bfloat16 rows (stochastic-rounding noise and
+    bits) and of int8 momentum (absmax-scaled copy and its rounding)."""
+    temporaries = 4
+    if storage_dtype == torch.bfloat16:
+        temporaries += 3
+    if momentum_dtype == torch.int8:
+        temporaries += 2
+    return temporaries * min(UPDATE_BLOCK, active_rows) * dim * 4
 
 
 def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -179,5 +192,6 @@ class CenterBank(nn.Module):
         w = weights.read(rows)
         d_p = grad.add(w, alpha=weight_decay)
         m = momenta.read(rows).mul_(momentum).add_(d_p)
+        del d_p
         momenta.write(rows, m, None)
         weights.write(rows, w.sub_(m, alpha=lr), self.rounding_generator)

@@ -59,7 +59,9 @@ class RankFailure(AssertionError):
     pass
 
 
-def run_ranks(fn, world_size: int, args=(), kwargs=None, timeout: float = 180.0, threads: int | None = None):
+def run_ranks(fn, world_size: int, args=(), kwargs=None, timeout: float = 180.0, threads: int | None = None,
+              env: dict | None = None):
+    """`env`: variables set for the rank processes only (read at their start, e.g. glibc's MALLOC_*)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -69,8 +71,17 @@ def run_ranks(fn, world_size: int, args=(), kwargs=None, timeout: float = 180.0,
                     daemon=True)
         for r in range(world_size)
     ]
-    for p in procs:
-        p.start()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    try:
+        os.environ.update(env or {})
+        for p in procs:
+            p.start()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     outcome: dict[int, tuple[str, bytes | str]] = {}
     deadline = time.monotonic() + timeout
     try:

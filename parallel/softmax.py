@@ -39,6 +39,8 @@ size. Cosines only: no communication is added.
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,19 @@ _NEG = -1.0e30  # finite "minus infinity" for running maxima, so exp(m_old - m_n
 
 def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def warn_if_bfloat16_gemms_are_emulated(compute_dtype: torch.dtype, device_type: str) -> None:
+    """bfloat16 GEMMs on a CPU without native bfloat16 instructions (AVX-512 BF16 / AMX) run a
+    reference kernel far slower than float32 (0.36 vs 25 GFLOP/s on one AVX2 core): say so once.
+    The lean storage (bfloat16 rows) keeps its memory savings with float32 GEMMs."""
+    if compute_dtype != torch.bfloat16 or device_type != "cpu":
+        return
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("head.compute_dtype=bfloat16: this CPU has no native bfloat16 matrix multiply, so the "
+                      "head's GEMMs will be far slower than in float32; keep head.storage_dtype=bfloat16 for "
+                      "the memory and set head.compute_dtype=float32", stacklevel=3)
 
 
 @dataclass
@@ -106,6 +121,7 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
         raise ValueError(f"top_negatives must be >= 0, got {top_negatives}")
     if top_negatives and stats is None:
         raise ValueError("top_negatives > 0 needs a stats dict to receive top_negative_cos / top_negative_col")
+    warn_if_bfloat16_gemms_are_emulated(compute_dtype, x_global.device.type)
     inputs = SoftmaxInputs(x_global.detach(), centers.detach(), target_col,
                            None if row_centers is None else row_centers.detach(), row_center_mask,
                            column_labels, row_labels, valid)
@@ -157,7 +173,10 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     x_norm = torch.linalg.vector_norm(x.to(acc), dim=1).clamp_min(1e-12)          # (Bg,)
     x_hat = (x.to(acc) / x_norm[:, None])                                          # (Bg, D) acc
     x_hat_c = x_hat.to(compute_dtype)
-    c_norm_inv = 1.0 / torch.linalg.vector_norm(inp.centers.to(acc), dim=1).clamp_min(1e-12)  # (A,)
+    # (A,), a chunk at a time: no full-size copy of low-precision centers
+    c_norm_inv = torch.cat([torch.linalg.vector_norm(inp.centers[lo:lo + chunk_size].to(acc), dim=1)
+                            for lo in range(0, a, chunk_size)]) if a else inp.centers.new_empty(0, dtype=acc)
+    c_norm_inv = 1.0 / c_norm_inv.clamp_min(1e-12)
 
     target_col = inp.target_col.to(device=device, dtype=torch.long)
     has_target = target_col >= 0                                                   # (Bg,) on this rank

@@ -228,7 +228,7 @@ def test_rec_insightface_layout_round_trip(tmp_path):
     assert manifest["num_classes"] == 4 and manifest["images_per_class"] == [3, 1, 4, 2]
     assert manifest.get("label_map") is None
     expected, index = {}, {}
-    for (rid, label), src in zip(images, sources):
+    for (_rid, label), src in zip(images, sources):
         j = index.setdefault(label, 0)
         index[label] += 1
         expected[f"{label:08d}_{j:06d}"] = (src, label)

@@ -1,5 +1,4 @@
 """Partial FC sampling statistics and the head's sparse / dense SGD."""
-import math
 
 import pytest
 import torch

@@ -1,14 +1,12 @@
 """The sharded margin softmax and the full / partial heads against a dense float64 reference."""
-import math
 
 import pytest
 import torch
+from reference_softmax import dense_margin_softmax
 
-from parallel.bank import CenterBank
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.config import MarginConfig, OptimizerConfig
 from parallel.sharding import ClassShard, class_owner
-from reference_softmax import dense_margin_softmax
 
 MARGINS = {
     "arcface_exact": dict(m1=1.0, m2=0.5, m3=0.0, grad="exact"),

@@ -23,7 +23,7 @@ import multiprocessing as mp
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 from .verification_bin import write_verification_bin
 from .writers import SampleSource, ShardTask, encode_jpeg, plan_shards, write_shards

@@ -77,8 +77,9 @@ class ParametricHead(Head):
 
     def active_centers(self, rows: torch.Tensor | None) -> torch.Tensor:
         """The rows as a leaf tensor (A, D), requiring grad: in the softmax's accumulation dtype, or in
-        bfloat16 when both storage and GEMMs are bfloat16 (the lean mode: leaf and gradient at half size)."""
-        if self.compute_dtype == torch.bfloat16 and self.bank.weight.dtype == torch.bfloat16:
+        bfloat16 when the storage is bfloat16 (the lean mode: leaf and gradient at half size; the
+        softmax converts one chunk at a time to its GEMM dtype)."""
+        if self.bank.weight.dtype == torch.bfloat16:
             return self.bank.rows(rows, raw=True).requires_grad_(True)
         return self.bank.rows(rows).to(torch.float64 if self.compute_dtype == torch.float64
                                        else torch.float32).requires_grad_(True)
