@@ -199,18 +199,25 @@ SWEEP_CLASSES = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
 NAIVE_MAX_CLASSES = 2_000_000   # the naive head runs out of memory near 2.4M classes on 2 x 24 GiB ranks
 
 
+def lean_compute_dtype() -> str:
+    """GEMM dtype of the lean mode: bfloat16 where the CPU multiplies it natively, else float32."""
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def sweep(dim=512, batch=128, world=2, sample_rate=0.1, heads=("partial", "mutual"), steps=3, warmup=1,
           classes=SWEEP_CLASSES, emit=print):
-    """Every head type at every C, float32 and the lean bfloat16 mode; the naive baseline where it fits."""
+    """Every head type at every C, float32 and the lean mode (bfloat16 rows, int8 momentum); the naive
+    baseline where it fits."""
     records = []
+    lean = (lean_compute_dtype(), "bfloat16", "int8")
     for c in classes:
         for head in heads:
-            for dtype, storage, momentum in (("float32", "float32", "float32"), ("bfloat16", "bfloat16", "int8")):
+            for dtype, storage, momentum in (("float32", "float32", "float32"), lean):
                 if c >= 10_000_000 and storage == "float32":
                     continue  # 10M x 512 float32 rows and momentum exceed 24 GiB on two ranks
                 rec = bench_config(c, dim, batch, world, sample_rate, head=head, dtype=dtype, steps=steps,
                                    warmup=warmup, storage_dtype=storage, momentum_dtype=momentum,
-                                   naive=(c <= NAIVE_MAX_CLASSES and head == "partial" and dtype == "float32"))
+                                   naive=(c <= NAIVE_MAX_CLASSES and head == "partial" and storage == "float32"))
                 records.append(rec)
                 emit(rec)
     return records

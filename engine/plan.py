@@ -17,9 +17,9 @@ import torch
 from parallel.bank import DTYPES, update_workspace_bytes
 
 BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
-# Resident bytes of a rank with torch imported and gloo initialised, before anything of the step exists.
-# Measured 222 MiB for a bare rank and up to ~480 MiB when the launching process had imported more
-# (pytest, DeepSpeed): the default sits in between; pass the figure of your own launcher for a tighter plan.
+# Resident bytes of a rank before anything of the step exists. A benchmark rank (torch imported, gloo up)
+# measured 222-236 MiB; a training rank also imports DeepSpeed, the data loader and the metrics server,
+# hence the larger default. `process_baseline` takes the figure of your own launcher.
 PROCESS_BASELINE = 360 * 2**20
 LOGIT_TEMPORARIES = 6            # (Bg, chunk) float32 tensors alive at once inside a softmax chunk
 
@@ -130,7 +130,9 @@ def backbone_bytes(p: PlanInput) -> dict:
     grads = params * 4 / (shard if p.zero_stage >= 2 else 1)
     state = params * state_per_param / (shard if p.zero_stage >= 1 else 1)
     return {"backbone_weights": int(weights), "backbone_grads": int(grads), "backbone_optimizer_state": int(state),
-            "backbone_activations": activation_bytes_per_sample(p.backbone, p.dim) * p.batch}
+            # counted in float32; bfloat16/float16 autocast saves half-size activations
+            "backbone_activations": activation_bytes_per_sample(p.backbone, p.dim) * p.batch
+            // (2 if p.mixed_precision != "float32" else 1)}
 
 
 def plan(p: PlanInput) -> Plan:

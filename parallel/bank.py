@@ -36,10 +36,11 @@ def initial_rows(start: int, count: int, dim: int, std: float, seed: int,
     """Rows of global classes [start, start + count): N(0, std^2), independent of the sharding."""
     out = torch.empty(count, dim, dtype=dtype)
     first_block, last_block = start // INIT_BLOCK, (start + count - 1) // INIT_BLOCK if count else -1
+    rows = torch.empty(INIT_BLOCK, dim, dtype=torch.float32) if count else None  # one buffer for every block
     for block in range(first_block, last_block + 1):
         lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
         gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (1 << 63))
-        rows = torch.randn(INIT_BLOCK, dim, generator=gen, dtype=torch.float32) * std
+        torch.randn(INIT_BLOCK, dim, generator=gen, out=rows).mul_(std)
         a, b = max(lo, start), min(hi, start + count)
         out[a - start:b - start] = rows[a - lo:b - lo].to(dtype)
     return out
@@ -156,8 +157,11 @@ class CenterBank(nn.Module):
 
     @torch.no_grad()
     def sgd_step(self, index: torch.Tensor | None, grad: torch.Tensor, *, lr: float, momentum: float,
-                 weight_decay: float, update: str = "sparse") -> None:
-        """One SGD step. `index (A,)` unique local rows (None: all rows), `grad (A, D)` their gradient.
+                 weight_decay: float, update: str = "sparse", values: torch.Tensor | None = None) -> None:
+        """One SGD step. `index (A,)` unique local rows (None: all rows), `grad (A, D)` their gradient;
+        `values (A, D)`, optional: the rows' current values as the caller already holds them (read from
+        this bank, in its storage or math dtype, unchanged since), so the sparse step does not gather
+        them again; never written to.
 
         torch.optim.SGD's formula per row: m = momentum * m + (g + weight_decay * w); w = w - lr * m.
         """
@@ -183,15 +187,19 @@ class CenterBank(nn.Module):
             return
         if index is None:
             index = torch.arange(self.num_rows, device=self.weight.device)
+        if values is not None and values.shape != grad.shape:
+            raise ValueError(f"values {tuple(values.shape)} do not match the gradient {tuple(grad.shape)}")
         for lo in range(0, index.numel(), UPDATE_BLOCK):
             self._update_rows(index[lo:lo + UPDATE_BLOCK], grad[lo:lo + UPDATE_BLOCK].to(self.math_dtype),
-                              lr, momentum, weight_decay)
+                              lr, momentum, weight_decay,
+                              None if values is None else values[lo:lo + UPDATE_BLOCK])
 
-    def _update_rows(self, rows, grad, lr, momentum, weight_decay):
+    def _update_rows(self, rows, grad, lr, momentum, weight_decay, values=None):
         weights, momenta = self.weights, self.momenta
-        w = weights.read(rows)
+        w = weights.read(rows) if values is None else values.to(self.math_dtype)
         d_p = grad.add(w, alpha=weight_decay)
         m = momenta.read(rows).mul_(momentum).add_(d_p)
         del d_p
         momenta.write(rows, m, None)
-        weights.write(rows, w.sub_(m, alpha=lr), self.rounding_generator)
+        new_w = w.sub_(m, alpha=lr) if values is None else torch.sub(w, m, alpha=lr)  # values stay untouched
+        weights.write(rows, new_w, self.rounding_generator)

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from parallel.collectives import all_reduce_
 from parallel.margins import Margin
 
+DEFAULT_CACHE_BYTES = 256 << 20  # pass-1 logits kept for pass 2 (see margin_softmax_loss)
 _NEG = -1.0e30  # finite "minus infinity" for running maxima, so exp(m_old - m_new) never sees inf - inf
 
 
@@ -86,11 +87,11 @@ class _FusedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats,
-                top_negatives):
+                top_negatives, cache_bytes):
         need_grad = any(ctx.needs_input_grad[:3])
         loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
                                            need_grad=need_grad, stats=stats, top_negatives=top_negatives,
-                                           center_grad=ctx.needs_input_grad[1])
+                                           center_grad=ctx.needs_input_grad[1], cache_bytes=cache_bytes)
         ctx.grads = grads
         ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
         return loss
@@ -99,7 +100,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
     def backward(ctx, grad_loss):
         # the stored gradients stay untouched so a retained graph can be backpropagated again
         out = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None)
 
 
 def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_col: torch.Tensor, *,
@@ -108,13 +109,17 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
                         row_centers: torch.Tensor | None = None, row_center_mask: torch.Tensor | None = None,
                         column_labels: torch.Tensor | None = None, row_labels: torch.Tensor | None = None,
                         valid: torch.Tensor | None = None, stats: dict | None = None,
-                        top_negatives: int = 0) -> torch.Tensor:
+                        top_negatives: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> torch.Tensor:
     """Mean margin-softmax CE over the global batch, with all ranks' `centers` as the classes.
 
     Differentiable with respect to `x_global`, `centers` and `row_centers`. See the module docstring.
     `stats`, if given, receives per-row figures of the step (global target logit, log partition) and,
-    with `top_negatives = h > 0`, this rank's h hardest negatives of every row.
+    with `top_negatives = h > 0`, this rank's h hardest negatives of every row. `cache_bytes`: pass 1
+    keeps the logits of its chunks up to this size for pass 2, which then skips their GEMM (the last
+    chunk is always kept); the result does not depend on it.
     """
+    if cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if top_negatives < 0:
@@ -128,7 +133,7 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     if row_centers is None:
         row_centers = x_global.new_empty(0)
     return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
-                                     compute_dtype, stats, top_negatives)
+                                     compute_dtype, stats, top_negatives, cache_bytes)
 
 
 def _top_by_value_then_col(values: torch.Tensor, cols: torch.Tensor, k: int):
@@ -157,7 +162,7 @@ def _chunk_top_negatives(neg_cos: torch.Tensor, lo: int, k: int):
 
 def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
                          compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None,
-                         top_negatives: int = 0, center_grad: bool = True):
+                         top_negatives: int = 0, center_grad: bool = True, cache_bytes: int = 0):
     """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
 
     The gradients are those of the mean loss on this rank's columns (None if not need_grad; d centers
@@ -223,7 +228,10 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
 
     chunks = [(lo, min(a, lo + chunk_size)) for lo in range(0, a, chunk_size)]
     rows_all = torch.arange(bg, device=device)
-    kept = None  # logits of the last chunk of pass 1, reused as the first chunk of pass 2
+    # pass-1 results reused by pass 2 (no second GEMM for them): the last chunk always, earlier chunks
+    # while their logits fit in `cache_bytes`
+    kept: dict[int, tuple] = {}
+    kept_bytes = 0
 
     def chunk_logits(lo, hi, want_cos=False):
         """One chunk: logits (Bg, c) acc with plain entries s*cos (targets still plain), the target
@@ -271,8 +279,13 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         new_max = torch.maximum(row_max, logits.max(dim=1).values)
         row_sum = row_sum * torch.exp(row_max - new_max) + torch.sub(logits, new_max[:, None]).exp_().sum(dim=1)
         row_max = new_max
-        if i == len(chunks) - 1 and need_grad:
-            kept = (logits, t_rows, t_cols, clamped, filtered, w)
+        if need_grad:
+            size = logits.numel() * logits.element_size()
+            if i == len(chunks) - 1 or kept_bytes + size <= cache_bytes:
+                # a converted chunk of rows (low-precision centers) is cheaper to convert again than to keep
+                keep_w = w if (i == len(chunks) - 1 or w.data_ptr() == inp.centers[lo:hi].data_ptr()) else None
+                kept[i] = (logits, t_rows, t_cols, clamped, filtered, keep_w)
+                kept_bytes += size
 
     global_max = all_reduce_(row_max.clone(), group, op=dist.ReduceOp.MAX)
     global_sum = all_reduce_(row_sum * torch.exp(row_max - global_max), group)
@@ -309,10 +322,12 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     # d loss / d cos_ij = s * p_ij * row_weight_i (minus s * row_weight_i at the target, whose entry
     # also carries d psi / d cos); p_ij = exp(logit_ij - max_i) / sum_i: one per-row coefficient
     coef = (s * row_weight * inv_sum)[:, None]                              # (Bg, 1)
-    for lo, hi in reversed(chunks):
-        if kept is not None:
-            logits, t_rows, t_cols, clamped, filtered, w = kept
-            kept = None
+    for i in reversed(range(len(chunks))):
+        lo, hi = chunks[i]
+        if i in kept:
+            logits, t_rows, t_cols, clamped, filtered, w = kept.pop(i)
+            if w is None:
+                w = inp.centers[lo:hi].to(compute_dtype)
         else:
             logits, _, t_rows, t_cols, clamped, filtered, w, _ = chunk_logits(lo, hi)
             if t_rows.numel():
@@ -324,21 +339,25 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             grad_cos.masked_fill_(clamped, 0.0)
         if filtered is not None:
             grad_cos.masked_fill_(filtered, 0.0)
-        # raw_ij = x_hat_i . w_j * inv_j. d x_hat_i = sum_j g_ij inv_j w_j; with
-        # u_j = sum_i g_ij x_hat_i: d w_j = inv_j * u_j - w_j * inv_j^3 * (w_j . u_j)
+        # raw_ij = x_hat_i . w_j * inv_j; with gi_ij = g_ij * inv_j: d x_hat_i = sum_j gi_ij w_j and,
+        # U_j = sum_i gi_ij x_hat_i, d w_j = U_j - w_j * inv_j^2 * (w_j . U_j)
         inv = c_norm_inv[lo:hi]
-        g_c = grad_cos.to(compute_dtype)
-        gi = (grad_cos * inv[None, :]).to(compute_dtype)
+        gi = grad_cos.mul_(inv[None, :]).to(compute_dtype)                      # (Bg, c), in place
         if acc == compute_dtype:
             grad_x_hat.addmm_(gi, w)
         else:
             grad_x_hat += (gi @ w).to(acc)
         if not center_grad:
             continue
-        u = (g_c.t() @ x_hat_c).to(acc).mul_(inv[:, None])                    # (c, D) = inv_j * u_j
+        if grad_centers.dtype == acc == compute_dtype:
+            u = torch.mm(gi.t(), x_hat_c, out=grad_centers[lo:hi])              # (c, D), formed in place
+        else:
+            u = (gi.t() @ x_hat_c).to(acc)
         w_acc = w.to(acc)
         radial = torch.linalg.vecdot(w_acc, u).mul_(inv * inv)                  # (c,)
-        grad_centers[lo:hi] = u.addcmul_(w_acc, radial[:, None], value=-1.0)
+        u.addcmul_(w_acc, radial[:, None], value=-1.0)
+        if u.data_ptr() != grad_centers[lo:hi].data_ptr():
+            grad_centers[lo:hi] = u
     grad_row = None
     if row_mask.any():
         p_row = torch.exp(target_logit - global_max) * inv_sum

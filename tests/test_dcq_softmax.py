@@ -92,7 +92,8 @@ def rank_run(state, world, batch, columns, dim, seed, chunks):
             loss = margin_softmax_loss(x_global, centers, target_col, margin=margin, group=state.head_group,
                                        chunk_size=chunk, compute_dtype=torch.float64,
                                        row_centers=rc, row_center_mask=use_row & home,
-                                       column_labels=col_labels[lo:hi], row_labels=row_labels, valid=valid)
+                                       column_labels=col_labels[lo:hi], row_labels=row_labels, valid=valid,
+                                       cache_bytes=0 if chunk % 2 else 1 << 20)  # recompute / reuse pass 1
             loss.backward()
             out[(name, chunk)] = dict(loss=loss.detach(), grad_x=x.grad, grad_centers=centers.grad,
                                       grad_rc=rc.grad)

@@ -33,9 +33,9 @@ def problem(num_classes, dim, batch, world, seed):
     return X, W, Y
 
 
-def head_config(kind, margin, chunk, dtype="float64", rate=1.0, seed=3, update="sparse"):
+def head_config(kind, margin, chunk, dtype="float64", rate=1.0, seed=3, update="sparse", cache_mib=0):
     tau = margin.get("tau", 0.0)
-    return HeadConfig(type=kind, sample_rate=rate, chunk_size=chunk, compute_dtype=dtype,
+    return HeadConfig(type=kind, sample_rate=rate, chunk_size=chunk, logit_cache_mib=cache_mib, compute_dtype=dtype,
                       storage_dtype="float64" if dtype == "float64" else "float32", seed=seed,
                       margin=MarginConfig(m1=margin["m1"], m2=margin["m2"], m3=margin["m3"], scale=SCALE,
                                           grad=margin["grad"], interclass_filter=tau),
@@ -62,8 +62,10 @@ def rank_case_grid(state, num_classes, dim, batch, seed):
     X, W, Y = problem(num_classes, dim, batch, state.world_size, seed)
     out = {}
     for name, margin in MARGINS.items():
+        # without a logit cache pass 2 recomputes every chunk but the last; with one it reuses them all
         for chunk in (1, 3, 10**9):
             out[("full", name, chunk)] = run_head(state, head_config("full", margin, chunk), X, W, Y, batch)
+        out[("full", name, "3 cached")] = run_head(state, head_config("full", margin, 3, cache_mib=1), X, W, Y, batch)
         out[("partial", name, 4)] = run_head(state, head_config("partial", margin, 4, rate=0.4), X, W, Y, batch)
     fp32 = head_config("full", MARGINS["arcface_exact"], 5, dtype="float32")
     out[("full", "fp32", 5)] = run_head(state, fp32, X, W, Y, batch)
@@ -122,13 +124,15 @@ def test_heads_match_dense_float64_reference_uneven_shards(spawn_ranks, world, n
             assert_matches_bf16(results, X, W, Y, margin, batch)
         else:
             assert_matches(results, X, W, Y, margin, batch, rtol=1e-10, atol=1e-12)
-    # chunk-size invariance: chunks of 1, an odd size and everything at once agree to rounding
+    # chunk-size invariance: chunks of 1, an odd size and everything at once agree to rounding; reusing
+    # pass 1's logits gives the recomputed ones exactly
     for name in MARGINS:
-        a, b, c = ([pr[("full", name, ch)] for pr in per_rank] for ch in (1, 3, 10**9))
-        for ra, rb, rc in zip(a, b, c):
+        a, b, c, d = ([pr[("full", name, ch)] for pr in per_rank] for ch in (1, 3, 10**9, "3 cached"))
+        for ra, rb, rc, rd in zip(a, b, c, d):
             for k in ("loss", "grad_x", "grad_centers"):
                 torch.testing.assert_close(ra[k], rc[k], rtol=1e-12, atol=1e-14)
                 torch.testing.assert_close(rb[k], rc[k], rtol=1e-12, atol=1e-14)
+                assert torch.equal(rb[k], rd[k]), (name, k)
 
 
 def test_class_owner_and_shard_ranges_cover_every_class_once():

@@ -31,6 +31,9 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    p.add_argument("--allocator", default="training", choices=["training", "exact"],
+                   help="glibc settings of the ranks: training's (peak RSS includes freed memory the allocator "
+                        "keeps) or exact (large frees returned: peak RSS = peak of live tensors)")
     p.add_argument("--sweep", action="store_true", help="C from 100K to 10M, every --head, fp32 and lean bf16")
     p.add_argument("--output", help="also append the JSON lines to this file")
     p.add_argument("--plot", help="with --sweep: write a PNG of time and memory against C")
@@ -56,7 +59,8 @@ def main():
                     emit(bench_config(classes, args.dim, args.batch, args.world, rate, head=head, dtype=dtype,
                                       chunk_size=args.chunk_size, steps=args.steps, warmup=args.warmup,
                                       naive=not args.no_naive, storage_dtype=args.storage_dtype,
-                                      momentum_dtype=args.momentum_dtype, backbone=args.backbone))
+                                      momentum_dtype=args.momentum_dtype, backbone=args.backbone,
+                                      allocator=args.allocator))
 
 
 if __name__ == "__main__":

@@ -39,13 +39,20 @@ def main():
     p.add_argument("--backbone")
     p.add_argument("--backbone-optimizer", default="sgd", choices=["sgd", "adamw"])
     p.add_argument("--zero-stage", type=int, default=0, choices=[0, 1, 2, 3])
+    p.add_argument("--mixed-precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="backbone precision (bfloat16/float16 add fp32 master weights)")
+    p.add_argument("--process-baseline", help="resident memory of an idle rank on your launcher "
+                   "(default: the planner's measured figure), e.g. 400MiB")
     p.add_argument("--memory", help="budget per rank (e.g. 11GiB): also print the largest C that fits")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
     inputs = PlanInput(classes=a.classes, dim=a.dim, world=a.world, sample_rate=a.sample_rate, batch=a.batch,
                        head=a.head, storage_dtype=a.storage_dtype, compute_dtype=a.compute_dtype, momentum_dtype=a.momentum_dtype,
                        update=a.update, chunk_size=a.chunk_size, queue_size=a.queue_size, backbone=a.backbone,
-                       backbone_optimizer=a.backbone_optimizer, zero_stage=a.zero_stage)
+                       backbone_optimizer=a.backbone_optimizer, zero_stage=a.zero_stage,
+                       mixed_precision=a.mixed_precision)
+    if a.process_baseline:
+        inputs.process_baseline = parse_bytes(a.process_baseline)
     result = plan(inputs).as_dict()
     if a.memory:
         result["budget_bytes"] = parse_bytes(a.memory)

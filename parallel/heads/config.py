@@ -213,11 +213,16 @@ class HeadConfig:
     margin: MarginConfig = field(default_factory=MarginConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     chunk_size: int = 8192              # classes per chunk of the fused softmax; results do not depend on it
+    logit_cache_mib: int = 256          # pass-1 logits kept for pass 2 (skips their second GEMM); results do not depend on it
     compute_dtype: str = "float32"      # GEMM dtype; softmax math is always float32 (float64 if compute is)
     storage_dtype: str = "float32"      # dtype of the center rows and momentum
     init_std: float = 0.01
     seed: int = 0
     extra: dict = field(default_factory=dict)  # method-specific options (mutual, dcq, f2c)
+
+    @property
+    def logit_cache_bytes(self) -> int:
+        return self.logit_cache_mib << 20
 
     def validate(self, prefix: str = "head") -> None:
         def check(key, value, allowed):
@@ -235,6 +240,8 @@ class HeadConfig:
             raise ValueError(f"{prefix}.sample_rate: {self.sample_rate} must be within [0, 1]")
         if self.chunk_size < 1:
             raise ValueError(f"{prefix}.chunk_size: {self.chunk_size} must be >= 1")
+        if not isinstance(self.logit_cache_mib, int) or self.logit_cache_mib < 0:
+            raise ValueError(f"{prefix}.logit_cache_mib: {self.logit_cache_mib!r} must be an integer >= 0")
         if self.margin.scale <= 0:
             raise ValueError(f"{prefix}.margin.scale: {self.margin.scale} must be > 0")
         if self.margin.m1 <= 0:

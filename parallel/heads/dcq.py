@@ -99,6 +99,7 @@ class DcqHead(MemoryHead):
         centers, column_labels = self.columns()
         loss = margin_softmax_loss(x_global, centers.to(self.acc_dtype), torch.full_like(labels_global, -1),
                                    margin=self.margin, group=self.group, chunk_size=self.cfg.chunk_size,
+                                   cache_bytes=self.cfg.logit_cache_bytes,
                                    compute_dtype=self.compute_dtype, row_centers=row_keys, row_center_mask=home,
                                    column_labels=column_labels, row_labels=labels_global)
         self._pending.append((keys, labels))

@@ -228,6 +228,7 @@ class F2cHead(MemoryHead):
         for v, view in enumerate((view0, view1)):
             ce = margin_softmax_loss(probes, view.to(self.acc_dtype), target_col, margin=self.margin,
                                      group=self.group, chunk_size=self.cfg.chunk_size,
+                                     cache_bytes=self.cfg.logit_cache_bytes,
                                      compute_dtype=self.compute_dtype, valid=in_pool)
             out = self.outlier_loss(probes[~in_pool], view, h)
             loss = loss + ce + out

@@ -154,7 +154,7 @@ class MutualHead(ParametricHead):
         x_global, labels_global = self.gather_inputs(x, labels)               # (Bg, D), (Bg,)
         active, hard = self.select_with_queue(labels_global)
         softmax = dict(margin=self.margin, group=self.group, chunk_size=self.cfg.chunk_size,
-                       compute_dtype=self.compute_dtype)
+                       cache_bytes=self.cfg.logit_cache_bytes, compute_dtype=self.compute_dtype)
         stats: dict = {}
         out_stats: dict[str, torch.Tensor] = {}
         if mc.interaction == "dual":

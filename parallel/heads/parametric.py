@@ -91,7 +91,8 @@ class ParametricHead(Head):
         x_global = pending.wait()                                                           # (Bg, D)
         stats: dict = {}
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
-                                   chunk_size=self.cfg.chunk_size, compute_dtype=self.compute_dtype,
+                                   chunk_size=self.cfg.chunk_size,
+                                   cache_bytes=self.cfg.logit_cache_bytes, compute_dtype=self.compute_dtype,
                                    stats=stats)
         self._pending.append((active.rows, centers))
         self.last_active = active
@@ -130,6 +131,8 @@ class ParametricHead(Head):
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         rows, grad = self._merged()
+        # one forward since the last step: its leaf holds the active rows as stored (nothing wrote them since)
+        values = self._pending[0][1].detach() if len(self._pending) == 1 and rows is not None else None
         self._pending.clear()
         if grad is None:
             return
@@ -137,7 +140,7 @@ class ParametricHead(Head):
             grad = grad * grad_scale
         opt = self.cfg.optimizer
         self.bank.sgd_step(rows, grad, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
-                           update=opt.update)
+                           update=opt.update, values=values)
 
     def skip_step(self) -> None:
         self._pending.clear()
