@@ -37,6 +37,7 @@ class PlanInput:
     momentum_dtype: str = "float32"
     update: str = "sparse"
     chunk_size: int = 8192
+    logit_cache_mib: int = 256       # head.logit_cache_mib
     queue_size: int = 16             # mutual: Q
     dcq_queue: int = 8192            # dcq: K (global)
     f2c_pool: int = 16384            # f2c: K slots (global)
@@ -96,6 +97,9 @@ def head_bytes(p: PlanInput) -> dict:
     else:
         raise ValueError(f"head: {p.head!r} is not one of full, partial, mutual, dcq, f2c")
     out["head_logits_chunk"] = LOGIT_TEMPORARIES * bg * chunk * 4
+    # pass-1 logits kept for pass 2 (parallel/softmax.py), beyond the chunk at hand
+    columns = active if p.head in ("full", "partial", "mutual") else slots
+    out["head_logit_cache"] = min(p.logit_cache_mib << 20, bg * max(0, columns - chunk) * 4)
     out["head_gathered_embeddings"] = 4 * bg * d * 4
     return out
 
