@@ -2,7 +2,7 @@
 classes that fits a memory budget.
 
 The head terms follow the code: parallel/bank.py (rows, momentum, int8 scales), parallel/softmax.py
-(active rows as a float32 leaf, bfloat16 with bfloat16 storage, their gradient formed in the forward and scaled in the backward,
+(active rows as a float32 leaf, bfloat16 with bfloat16 storage, and their gradient formed in the forward,
 logit chunks), parallel/heads/sampling.py (one float32 priority per local class) and the heads'
 queues. Backbone activations are measured, not guessed: a batch-2 forward on the meta device with
 saved-tensor hooks counts exactly what autograd keeps.
@@ -76,10 +76,10 @@ def head_bytes(p: PlanInput) -> dict:
         mom = c_r * d * BYTES[p.momentum_dtype] + (4 * c_r if p.momentum_dtype == "int8" else 0)
         out["head_optimizer_state"] = mom
         out["head_sampling"] = 4 * c_r if p.head != "full" else 0
-        # active rows (the leaf), their gradient formed in forward and its scaled copy in backward:
+        # active rows (the leaf) and their gradient (formed in forward, handed to the leaf in backward):
         # float32, or bfloat16 in the lean mode (bfloat16 storage)
         leaf = 2 if p.storage_dtype == "bfloat16" else 4
-        out["head_active_rows_and_grads"] = 3 * active * d * leaf
+        out["head_active_rows_and_grads"] = 2 * active * d * leaf
         # the optimizer step works in blocks of rows (dense mode: of every row, each block once)
         out["head_update_workspace"] = update_workspace_bytes(
             c_r if p.update == "dense" else active, d, DTYPES[p.storage_dtype], DTYPES[p.momentum_dtype])

@@ -98,8 +98,13 @@ class _FusedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # the stored gradients stay untouched so a retained graph can be backpropagated again
-        out = [None if g is None else (g * grad_loss.to(g.dtype)).to(dt) for g, dt in zip(ctx.grads, ctx.dtypes)]
+        # the gradients formed in forward are handed over, scaled in place (no copy of (A, D), no host sync)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("margin_softmax_loss: backward ran twice through the same forward; its gradients "
+                               "were formed in forward and handed out by the first backward (run the forward again)")
+        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        del grads
         return (*out, None, None, None, None, None, None, None, None)
 
 

@@ -165,3 +165,22 @@ def test_label_outside_range_names_label_and_position():
         head(x, torch.tensor([1, 2, 10]))
     with pytest.raises(ValueError, match=r"label -1 at position 0"):
         head(x, torch.tensor([-1, 2, 3]))
+
+
+def test_backward_hands_over_the_forward_gradient_and_refuses_a_second_pass():
+    from parallel.margins import Margin
+    from parallel.softmax import margin_softmax_loss
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    centers = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([0, 3, 10, 5, 5, 2])
+    margin = Margin(1.0, 0.5, 0.0, 8.0, "exact", 0.0)
+    loss = margin_softmax_loss(x, centers, target, margin=margin, compute_dtype=torch.float64)
+    (2.5 * loss).backward()  # the upstream gradient scales the handed-over tensors in place
+    (ref_loss, ref_dx, ref_dw) = dense_margin_softmax(x.detach(), centers.detach(), target, m1=1.0, m2=0.5, m3=0.0,
+                                                      s=8.0, grad="exact", tau=0.0)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, 2.5 * ref_dx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(centers.grad, 2.5 * ref_dw, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
