@@ -29,8 +29,17 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Largest resident bytes of this process so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Largest resident bytes of this process so far: the memory map's high-water mark (VmHWM).
+    Not getrusage's ru_maxrss, which Linux carries across fork and exec: a process started from a
+    large parent (a test runner, a launcher) would report at least the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _format_eta(seconds: float) -> str:
