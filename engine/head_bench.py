@@ -26,6 +26,7 @@ from parallel.heads.config import MarginConfig, OptimizerConfig
 from parallel.heads.memory import synthetic_batch
 from parallel.heads.sampling import sample_rows
 from parallel.sharding import ClassShard
+from parallel.softmax import cpu_has_native_bfloat16_gemms
 
 
 class NaiveHead(torch.nn.Module):
@@ -201,7 +202,7 @@ NAIVE_MAX_CLASSES = 2_000_000   # the naive head runs out of memory near 2.4M cl
 
 def lean_compute_dtype() -> str:
     """GEMM dtype of the lean mode: bfloat16 where the CPU multiplies it natively, else float32."""
-    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+    return "bfloat16" if cpu_has_native_bfloat16_gemms() else "float32"
 
 
 def sweep(dim=512, batch=128, world=2, sample_rate=0.1, heads=("partial", "mutual"), steps=3, warmup=1,

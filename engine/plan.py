@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from parallel.bank import DTYPES, update_workspace_bytes
+from parallel.softmax import DEFAULT_CACHE_BYTES
 
 BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 # Resident bytes of a rank before anything of the step exists. A benchmark rank (torch imported, gloo up)
@@ -37,7 +38,7 @@ class PlanInput:
     momentum_dtype: str = "float32"
     update: str = "sparse"
     chunk_size: int = 8192
-    logit_cache_mib: int = 256       # head.logit_cache_mib
+    logit_cache_mib: int = DEFAULT_CACHE_BYTES >> 20  # head.logit_cache_mib
     queue_size: int = 16             # mutual: Q
     dcq_queue: int = 8192            # dcq: K (global)
     f2c_pool: int = 16384            # f2c: K slots (global)

@@ -201,5 +201,5 @@ class CenterBank(nn.Module):
         m = momenta.read(rows).mul_(momentum).add_(d_p)
         del d_p
         momenta.write(rows, m, None)
-        new_w = w.sub_(m, alpha=lr) if values is None else torch.sub(w, m, alpha=lr)  # values stay untouched
+        new_w = torch.sub(w, m, alpha=lr) if w is values else w.sub_(m, alpha=lr)  # the caller's values stay untouched
         weights.write(rows, new_w, self.rounding_generator)

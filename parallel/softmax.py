@@ -57,14 +57,19 @@ def accumulation_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if compute_dtype == torch.float64 else torch.float32
 
 
+def cpu_has_native_bfloat16_gemms() -> bool:
+    """True where oneDNN multiplies bfloat16 in hardware (AVX-512 BF16 / AMX). Elsewhere it runs a
+    reference kernel far slower than float32 (0.36 vs 25 GFLOP/s on one AVX2 core)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 @functools.lru_cache(maxsize=None)
 def warn_if_bfloat16_gemms_are_emulated(compute_dtype: torch.dtype, device_type: str) -> None:
-    """bfloat16 GEMMs on a CPU without native bfloat16 instructions (AVX-512 BF16 / AMX) run a
-    reference kernel far slower than float32 (0.36 vs 25 GFLOP/s on one AVX2 core): say so once.
-    The lean storage (bfloat16 rows) keeps its memory savings with float32 GEMMs."""
+    """Says once that bfloat16 GEMMs on this CPU are emulated; the lean storage (bfloat16 rows) keeps
+    its memory savings with float32 GEMMs."""
     if compute_dtype != torch.bfloat16 or device_type != "cpu":
         return
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if not cpu_has_native_bfloat16_gemms():
         warnings.warn("head.compute_dtype=bfloat16: this CPU has no native bfloat16 matrix multiply, so the "
                       "head's GEMMs will be far slower than in float32; keep head.storage_dtype=bfloat16 for "
                       "the memory and set head.compute_dtype=float32", stacklevel=3)
@@ -288,7 +293,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             size = logits.numel() * logits.element_size()
             if i == len(chunks) - 1 or kept_bytes + size <= cache_bytes:
                 # a converted chunk of rows (low-precision centers) is cheaper to convert again than to keep
-                keep_w = w if (i == len(chunks) - 1 or w.data_ptr() == inp.centers[lo:hi].data_ptr()) else None
+                keep_w = w if (i == len(chunks) - 1 or inp.centers.dtype == compute_dtype) else None
                 kept[i] = (logits, t_rows, t_cols, clamped, filtered, keep_w)
                 kept_bytes += size
 

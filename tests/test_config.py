@@ -27,8 +27,9 @@ def test_every_shipped_recipe_loads_and_validates():
 
 def test_overrides_are_typed_and_reach_nested_sections():
     cfg = _cfg(overrides=["optim.lr=0.05", "head.margin.m2=0.3", "head.type=full", "data.batch_size=64",
-                          "metrics.prometheus=false", "eval.bins=[a.bin, b.bin]"])
+                          "metrics.prometheus=false", "eval.bins=[a.bin, b.bin]", "head.logit_cache_mib=0"])
     assert cfg.optim.lr == 0.05 and cfg.head.margin.m2 == 0.3 and cfg.head.type == "full"
+    assert cfg.head.logit_cache_mib == 0 and cfg.head.logit_cache_bytes == 0
     assert cfg.data.batch_size == 64 and cfg.metrics.prometheus is False and cfg.eval.bins == ["a.bin", "b.bin"]
 
 
@@ -49,6 +50,7 @@ def test_an_int_is_accepted_where_a_float_is_expected():
     ({"engine": "ddp", "precision": "fp16"}, [], r"^precision: fp16 needs engine: deepspeed"),
     ({"schedule": {"steps": 10, "warmup_steps": 10}}, [], r"^schedule\.warmup_steps: 10 must be < schedule\.steps"),
     ({"optim": "sgd"}, [], r"^optim: expected a mapping"),
+    ({}, ["head.logit_cache_mib=-1"], r"^head\.logit_cache_mib: -1 must be an integer >= 0$"),
 ])
 def test_bad_values_raise_one_line_errors_naming_the_key(raw, overrides, message):
     with pytest.raises(ConfigError, match=message) as info:

@@ -1,9 +1,8 @@
 """Partial FC sampling statistics and the head's sparse / dense SGD."""
-
 import pytest
 import torch
 
-from parallel.bank import CenterBank, initial_rows
+from parallel.bank import DTYPES, CenterBank, initial_rows
 from parallel.groups import ParallelState
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.config import MarginConfig, OptimizerConfig
@@ -111,6 +110,23 @@ def test_sparse_sgd_leaves_unsampled_rows_bit_for_bit_and_matches_torch_sgd_on_s
     w_ref, m_ref = _torch_sgd_reference(w0[index], m0[index], grad, 0.1, 0.9, 5e-4)
     torch.testing.assert_close(bank.weight[index], w_ref, rtol=0, atol=1e-15)
     torch.testing.assert_close(bank.momentum[index], m_ref, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("storage", ["float64", "bfloat16"])
+def test_sparse_sgd_with_the_callers_rows_equals_gathering_them_and_leaves_them_untouched(storage):
+    dtype = DTYPES[storage]
+    banks = [CenterBank(ClassShard(12, 1, 0), 5, seed=3, dtype=dtype) for _ in range(2)]
+    index = torch.tensor([0, 5, 6, 11])
+    grad = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(
+        banks[0].math_dtype)
+    values = banks[1].rows(index, raw=True)  # what a head's forward took as its leaf
+    before = values.clone()
+    banks[0].sgd_step(index, grad, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    banks[1].sgd_step(index, grad, lr=0.1, momentum=0.9, weight_decay=5e-4, values=values)
+    assert torch.equal(banks[0].weight, banks[1].weight) and torch.equal(banks[0].momentum, banks[1].momentum)
+    assert torch.equal(values, before)
+    with pytest.raises(ValueError, match=r"values \(3, 5\) do not match the gradient \(4, 5\)"):
+        banks[1].sgd_step(index, grad, lr=0.1, momentum=0.9, weight_decay=5e-4, values=values[:3])
 
 
 def test_dense_sgd_matches_torch_sgd_on_a_full_gradient():

@@ -184,3 +184,28 @@ def test_backward_hands_over_the_forward_gradient_and_refuses_a_second_pass():
     torch.testing.assert_close(centers.grad, 2.5 * ref_dw, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
+
+
+def test_negative_logit_cache_is_refused():
+    from parallel.margins import Margin
+    from parallel.softmax import margin_softmax_loss
+    with pytest.raises(ValueError, match=r"cache_bytes must be >= 0, got -1"):
+        margin_softmax_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]),
+                            margin=Margin(1.0, 0.5, 0.0, 8.0, "exact", 0.0), cache_bytes=-1)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_gemms_warn_once_where_the_cpu_emulates_them(monkeypatch, native):
+    import warnings
+
+    from parallel import softmax
+    monkeypatch.setattr(softmax, "cpu_has_native_bfloat16_gemms", lambda: native)
+    softmax.warn_if_bfloat16_gemms_are_emulated.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            softmax.warn_if_bfloat16_gemms_are_emulated(torch.bfloat16, "cpu")
+        softmax.warn_if_bfloat16_gemms_are_emulated(torch.float32, "cpu")
+    softmax.warn_if_bfloat16_gemms_are_emulated.cache_clear()
+    messages = [str(w.message) for w in caught if "bfloat16 matrix multiply" in str(w.message)]
+    assert len(messages) == (0 if native else 1), messages

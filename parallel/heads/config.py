@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from parallel.softmax import DEFAULT_CACHE_BYTES
+
 HEAD_TYPES = ("full", "partial", "mutual", "dcq", "f2c")
 MARGIN_GRADS = ("exact", "straight_through")
 UPDATE_MODES = ("sparse", "dense")
@@ -213,7 +215,7 @@ class HeadConfig:
     margin: MarginConfig = field(default_factory=MarginConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     chunk_size: int = 8192              # classes per chunk of the fused softmax; results do not depend on it
-    logit_cache_mib: int = 256          # pass-1 logits kept for pass 2 (skips their second GEMM); results do not depend on it
+    logit_cache_mib: int = DEFAULT_CACHE_BYTES >> 20  # pass-1 logits kept for pass 2 (skips their GEMM); same results
     compute_dtype: str = "float32"      # GEMM dtype; softmax math is always float32 (float64 if compute is)
     storage_dtype: str = "float32"      # dtype of the center rows and momentum
     init_std: float = 0.01
