@@ -131,19 +131,39 @@ def _bench_rank(state, cfg: dict):
             times.append(t)
     if active is None:
         active = max(head.num_sample, 1)
-    # the matmul peak: one plain GEMM of the step's shape in the same dtype, same process
+    # the matmul peak: one plain GEMM of the step's shape in the same dtype, same process, with every
+    # rank multiplying at the same time (as in the step: the ranks share the machine); and each rank
+    # alone, the others waiting, for reference
     bg = b * state.world_size
     mm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}[dtype]
     xa = torch.randn(bg, d).to(mm_dtype)
     wa = torch.randn(d, active).to(mm_dtype)
-    mm_times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
+    flops = 2.0 * bg * d * active
+
+    def best_gemm_rate(repeats=5):
         torch.mm(xa, wa)
-        mm_times.append(time.perf_counter() - t0)
-    mm_peak = 2.0 * bg * d * active / min(mm_times) / 1e9
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(xa, wa)
+            best = min(best, time.perf_counter() - t0)
+        return flops / best / 1e9
+
+    mm_peak = 0.0
+    for _ in range(3):
+        if state.world_size > 1:
+            dist.barrier()
+        mm_peak = max(mm_peak, best_gemm_rate())
+    mm_alone = 0.0
+    for turn in range(state.world_size):
+        if state.world_size > 1:
+            dist.barrier()
+        if turn == state.rank:
+            mm_alone = best_gemm_rate()
+    if state.world_size > 1:
+        dist.barrier()
     return dict(step_seconds=times, active=active, peak_rss=peak_rss_bytes(), baseline_rss=baseline_rss,
-                gflops_matmul_peak=mm_peak)
+                gflops_matmul_peak=mm_peak, gflops_matmul_one_rank_alone=mm_alone)
 
 
 def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype="float32", chunk_size=8192,
@@ -172,6 +192,7 @@ def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype=
         step_seconds_median=step, samples_per_second=bg / step,
         gflops_achieved=6.0 * bg * dim * active / step / 1e9,
         gflops_matmul_peak=statistics.median(r["gflops_matmul_peak"] for r in ours),
+        gflops_matmul_one_rank_alone=statistics.median(r["gflops_matmul_one_rank_alone"] for r in ours),
         peak_rss_bytes_per_rank=max(r["peak_rss"] for r in ours),
         momentum_dtype=momentum_dtype, backbone=backbone, allocator=allocator,
         baseline_rss_bytes_per_rank=max(r["baseline_rss"] for r in ours),
@@ -185,6 +206,7 @@ def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype=
     record["planned_peak_bytes_per_rank"] = predicted.total
     record["planned_components"] = predicted.components
     record["fraction_of_matmul_peak"] = record["gflops_achieved"] / record["gflops_matmul_peak"]
+    record["fraction_of_one_rank_alone"] = record["gflops_achieved"] / record["gflops_matmul_one_rank_alone"]
     if naive:
         base = run_ranks(_bench_rank, world, args=(dict(cfg, impl="naive", dtype="float32"),),
                          timeout=timeout, env=env)

@@ -15,7 +15,9 @@ Storage can be leaner than float32 (for tens of millions of classes):
 - rows in bfloat16: the update is computed in float32 and written back with stochastic rounding
   (unbiased: E[round(w)] = w, so small updates are not lost) or round-to-nearest;
 - momentum in bfloat16, or int8 with one float32 absmax scale per row.
-Rows are read and written in blocks of `UPDATE_BLOCK` so no transient copy of the shard exists.
+Rows are read and written in blocks of about `UPDATE_BLOCK_BYTES` (sized to stay in a core's L2
+cache: every temporary of a block is still cached when the next operation reads it), through
+workspaces reused from block to block, so no transient copy of the shard exists.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 from parallel.sharding import ClassShard
 
 INIT_BLOCK = 1 << 16    # classes per seeded block of initial rows
-UPDATE_BLOCK = 1 << 13  # rows per block of an optimizer step
+UPDATE_BLOCK_BYTES = 1 << 20  # float32 bytes of one block's temporary (rows x D) in an optimizer step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "float64": torch.float64, "int8": torch.int8}
@@ -46,6 +48,11 @@ def initial_rows(start: int, count: int, dim: int, std: float, seed: int,
     return out
 
 
+def update_block_rows(dim: int) -> int:
+    """Rows per block of an optimizer step for D = dim."""
+    return max(1, UPDATE_BLOCK_BYTES // (4 * max(dim, 1)))
+
+
 def update_workspace_bytes(active_rows: int, dim: int, storage_dtype: torch.dtype,
                            momentum_dtype: torch.dtype) -> int:
     """Largest transient memory of one `sgd_step` (a block's float32 temporaries): gradient, rows,
@@ -56,7 +63,7 @@ def update_workspace_bytes(active_rows: int, dim: int, storage_dtype: torch.dtyp
         temporaries += 3
     if momentum_dtype == torch.int8:
         temporaries += 2
-    return temporaries * min(UPDATE_BLOCK, active_rows) * dim * 4
+    return temporaries * min(update_block_rows(dim), active_rows) * dim * 4
 
 
 def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -76,8 +83,11 @@ class RowStore:
     def __init__(self, data: torch.Tensor, scale: torch.Tensor | None, math_dtype: torch.dtype):
         self.data, self.scale, self.math_dtype = data, scale, math_dtype
 
-    def read(self, index: torch.Tensor | None) -> torch.Tensor:
-        """A fresh tensor of the rows (all rows if index is None)."""
+    def read(self, index: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A fresh tensor of the rows (all rows if index is None); `out`, optional, a math-dtype
+        workspace of the right shape the rows are gathered into when the storage dtype allows."""
+        if out is not None and index is not None and self.scale is None and self.data.dtype == self.math_dtype:
+            return torch.index_select(self.data, 0, index, out=out)
         data = self.data if index is None else self.data.index_select(0, index)
         if self.scale is None:
             if data.dtype != self.math_dtype:
@@ -171,8 +181,9 @@ class CenterBank(nn.Module):
             # every row decays; active rows also get their gradient
             order = torch.argsort(index)
             index, grad = index[order], grad[order]
-            for lo in range(0, self.num_rows, UPDATE_BLOCK):
-                hi = min(self.num_rows, lo + UPDATE_BLOCK)
+            block = update_block_rows(self.dim)
+            for lo in range(0, self.num_rows, block):
+                hi = min(self.num_rows, lo + block)
                 rows = torch.arange(lo, hi, device=self.weight.device)
                 g = torch.zeros(hi - lo, self.dim, dtype=self.math_dtype, device=self.weight.device)
                 a, b = torch.searchsorted(index, torch.tensor([lo, hi], device=index.device)).tolist()
@@ -189,17 +200,34 @@ class CenterBank(nn.Module):
             index = torch.arange(self.num_rows, device=self.weight.device)
         if values is not None and values.shape != grad.shape:
             raise ValueError(f"values {tuple(values.shape)} do not match the gradient {tuple(grad.shape)}")
-        for lo in range(0, index.numel(), UPDATE_BLOCK):
-            self._update_rows(index[lo:lo + UPDATE_BLOCK], grad[lo:lo + UPDATE_BLOCK].to(self.math_dtype),
-                              lr, momentum, weight_decay,
-                              None if values is None else values[lo:lo + UPDATE_BLOCK])
+        block = update_block_rows(self.dim)
+        # two (block, D) workspaces for every block: d_p then the new rows, and the momentum
+        workspace = (torch.empty(min(block, index.numel()), self.dim, dtype=self.math_dtype, device=self.weight.device),
+                     torch.empty(min(block, index.numel()), self.dim, dtype=self.math_dtype, device=self.weight.device))
+        for lo in range(0, index.numel(), block):
+            n = min(block, index.numel() - lo)
+            self._update_rows(index[lo:lo + n], grad[lo:lo + n].to(self.math_dtype), lr, momentum, weight_decay,
+                              None if values is None else values[lo:lo + n], (workspace[0][:n], workspace[1][:n]))
 
-    def _update_rows(self, rows, grad, lr, momentum, weight_decay, values=None):
+    def _update_rows(self, rows, grad, lr, momentum, weight_decay, values=None, workspace=None):
+        """torch.optim.SGD's arithmetic, in its order, on one block of rows (bit-for-bit the same)."""
         weights, momenta = self.weights, self.momenta
+        if workspace is None:
+            workspace = (torch.empty_like(grad), torch.empty_like(grad))
+        plain = (self.weight.dtype == self.math_dtype and self.momentum.dtype == self.math_dtype
+                 and momentum != 0.0 and hasattr(torch, "_fused_sgd_"))
+        if plain:
+            # torch.optim.SGD(fused=True)'s kernel on the gathered block: one pass over it in cache
+            w = workspace[0].copy_(values) if values is not None else weights.read(rows, out=workspace[0])
+            m = momenta.read(rows, out=workspace[1])
+            torch._fused_sgd_([w], [grad], [m], weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=0.0,
+                              nesterov=False, maximize=False, is_first_step=False)
+            momenta.write(rows, m, None)
+            weights.write(rows, w, self.rounding_generator)
+            return
         w = weights.read(rows) if values is None else values.to(self.math_dtype)
-        d_p = grad.add(w, alpha=weight_decay)
-        m = momenta.read(rows).mul_(momentum).add_(d_p)
-        del d_p
+        d_p = torch.add(grad, w, alpha=weight_decay, out=workspace[0])
+        m = momenta.read(rows, out=workspace[1]).mul_(momentum).add_(d_p)
         momenta.write(rows, m, None)
-        new_w = torch.sub(w, m, alpha=lr) if w is values else w.sub_(m, alpha=lr)  # the caller's values stay untouched
+        new_w = torch.sub(w, m, alpha=lr, out=d_p)  # the caller's values stay untouched
         weights.write(rows, new_w, self.rounding_generator)

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from parallel.collectives import all_reduce_
+from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
 from parallel.margins import Margin
 
 DEFAULT_CACHE_BYTES = 256 << 20  # pass-1 logits kept for pass 2 (see margin_softmax_loss)
@@ -92,11 +93,12 @@ class _FusedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats,
-                top_negatives, cache_bytes):
+                top_negatives, cache_bytes, errors):
         need_grad = any(ctx.needs_input_grad[:3])
         loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
                                            need_grad=need_grad, stats=stats, top_negatives=top_negatives,
-                                           center_grad=ctx.needs_input_grad[1], cache_bytes=cache_bytes)
+                                           center_grad=ctx.needs_input_grad[1], cache_bytes=cache_bytes,
+                                           errors=errors)
         ctx.grads = grads
         ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
         return loss
@@ -108,9 +110,12 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("margin_softmax_loss: backward ran twice through the same forward; its gradients "
                                "were formed in forward and handed out by the first backward (run the forward again)")
-        out = [None if g is None else g.mul_(grad_loss.to(g.dtype)).to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        # d loss is 1 when the loss is backpropagated alone: skip a pass over (A, D) where looking is free
+        unit = host_reads_are_cheap(grad_loss.device) and bool(grad_loss == 1)
+        out = [None if g is None else (g if unit else g.mul_(grad_loss.to(g.dtype))).to(dt)
+               for g, dt in zip(grads, ctx.dtypes)]
         del grads
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)
 
 
 def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_col: torch.Tensor, *,
@@ -119,14 +124,18 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
                         row_centers: torch.Tensor | None = None, row_center_mask: torch.Tensor | None = None,
                         column_labels: torch.Tensor | None = None, row_labels: torch.Tensor | None = None,
                         valid: torch.Tensor | None = None, stats: dict | None = None,
-                        top_negatives: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES) -> torch.Tensor:
+                        top_negatives: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                        errors: DeferredErrors | None = None) -> torch.Tensor:
     """Mean margin-softmax CE over the global batch, with all ranks' `centers` as the classes.
 
     Differentiable with respect to `x_global`, `centers` and `row_centers`. See the module docstring.
     `stats`, if given, receives per-row figures of the step (global target logit, log partition) and,
     with `top_negatives = h > 0`, this rank's h hardest negatives of every row. `cache_bytes`: pass 1
     keeps the logits of its chunks up to this size for pass 2, which then skips their GEMM (the last
-    chunk is always kept); the result does not depend on it.
+    chunk is always kept); the result does not depend on it. `errors`: where host reads are not cheap
+    (parallel/host_sync.py), a row without exactly one target is reported there (raised at the next
+    step) and left out of the loss instead of stopping the step to read the count; without it the
+    count is read and the error raised at once.
     """
     if cache_bytes < 0:
         raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -143,7 +152,7 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     if row_centers is None:
         row_centers = x_global.new_empty(0)
     return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
-                                     compute_dtype, stats, top_negatives, cache_bytes)
+                                     compute_dtype, stats, top_negatives, cache_bytes, errors)
 
 
 def _top_by_value_then_col(values: torch.Tensor, cols: torch.Tensor, k: int):
@@ -172,11 +181,13 @@ def _chunk_top_negatives(neg_cos: torch.Tensor, lo: int, k: int):
 
 def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
                          compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None,
-                         top_negatives: int = 0, center_grad: bool = True, cache_bytes: int = 0):
+                         top_negatives: int = 0, center_grad: bool = True, cache_bytes: int = 0,
+                         errors: DeferredErrors | None = None):
     """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
 
     The gradients are those of the mean loss on this rank's columns (None if not need_grad; d centers
-    None if not center_grad).
+    None if not center_grad). Where host reads are not cheap (parallel/host_sync.py) the step makes
+    none: a row without exactly one target is reported through `errors` and left out of the loss.
     """
     x = inp.x_global
     device = x.device
@@ -184,6 +195,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     bg = x.shape[0]
     a = inp.centers.shape[0]
     s = float(margin.scale)
+    may_read = host_reads_are_cheap(device)
 
     x_norm = torch.linalg.vector_norm(x.to(acc), dim=1).clamp_min(1e-12)          # (Bg,)
     x_hat = (x.to(acc) / x_norm[:, None])                                          # (Bg, D) acc
@@ -192,11 +204,13 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     c_norm_inv = torch.cat([torch.linalg.vector_norm(inp.centers[lo:lo + chunk_size].to(acc), dim=1)
                             for lo in range(0, a, chunk_size)]) if a else inp.centers.new_empty(0, dtype=acc)
     c_norm_inv = 1.0 / c_norm_inv.clamp_min(1e-12)
+    col_scale = c_norm_inv * s          # one multiply turns the GEMM's x_hat . w_j into the logit s cos_ij
 
     target_col = inp.target_col.to(device=device, dtype=torch.long)
     has_target = target_col >= 0                                                   # (Bg,) on this rank
-    row_mask = (inp.row_center_mask.to(device=device, dtype=torch.bool)
-                if inp.row_center_mask is not None and inp.row_centers is not None and inp.row_centers.numel()
+    with_row_centers = (inp.row_center_mask is not None and inp.row_centers is not None
+                        and inp.row_centers.numel() > 0)
+    row_mask = (inp.row_center_mask.to(device=device, dtype=torch.bool) if with_row_centers
                 else torch.zeros(bg, dtype=torch.bool, device=device))
     valid = (inp.valid.to(device=device, dtype=acc) if inp.valid is not None
              else torch.ones(bg, dtype=acc, device=device))
@@ -206,7 +220,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     if exclude and (inp.column_labels.shape != (a,) or inp.row_labels.shape != (bg,)):
         raise ValueError(f"column_labels must be ({a},) and row_labels ({bg},), got "
                          f"{tuple(inp.column_labels.shape)} and {tuple(inp.row_labels.shape)}")
-    if bool((row_mask & has_target).any()):
+    if may_read and bool((row_mask & has_target).any()):
         row = int((row_mask & has_target).nonzero()[0, 0])
         raise ValueError(f"row {row} has its target both in row_centers and in column {int(target_col[row])}")
     tau = float(margin.interclass_filter)
@@ -218,7 +232,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     target_dpsi = torch.zeros(bg, dtype=acc, device=device)
 
     # The per-row extra column (DCQ positive): a dot product per row, not a GEMM.
-    if row_mask.any():
+    if with_row_centers:
         rc = inp.row_centers.to(acc)
         rc_norm_inv = 1.0 / torch.linalg.vector_norm(rc, dim=1).clamp_min(1e-12)
         rc_hat = rc * rc_norm_inv[:, None]
@@ -237,76 +251,98 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     top_col = torch.full((bg, h), -1, dtype=torch.long, device=device)             # (Bg, h)
 
     chunks = [(lo, min(a, lo + chunk_size)) for lo in range(0, a, chunk_size)]
-    rows_all = torch.arange(bg, device=device)
     # pass-1 results reused by pass 2 (no second GEMM for them): the last chunk always, earlier chunks
     # while their logits fit in `cache_bytes`
     kept: dict[int, tuple] = {}
     kept_bytes = 0
+    shifts: list[torch.Tensor] = []   # per chunk (Bg,): a recomputed chunk is shifted alike, bit for bit
+
+    def clear_target(mask, target):
+        """mask (Bg, c) bool with each row's target entry cleared (rows whose target is in the chunk)."""
+        in_chunk, col = target[0], target[1]
+        return mask.scatter_(1, col, mask.gather(1, col) & ~in_chunk[:, None])
 
     def chunk_logits(lo, hi, want_cos=False):
-        """One chunk: logits (Bg, c) acc with plain entries s*cos (targets still plain), the target
-        entries (rows, cols), masks of clamped (|raw cos| > 1) and filtered entries (None when there
-        are none), the chunk's rows `w` and, if asked, the clamped cosines."""
+        """One chunk: logits (Bg, c) acc = s*cos with each row's target entry s*psi, the target figures
+        (in_chunk (Bg,), col (Bg, 1) clamped into the chunk, cos_t, s*psi_t, dpsi_t, all (Bg,),
+        meaningful where in_chunk), the masks of clamped (|raw cos| > 1) and filtered entries (None when
+        there are none), the chunk's rows `w` and, if asked, the clamped cosines. No host read unless
+        cheap: the target entries are gathered and scattered for every row."""
         w = inp.centers[lo:hi].to(compute_dtype)                                   # (c, D), no copy if same
-        logits = (x_hat_c @ w.t()).to(acc).mul_(c_norm_inv[lo:hi][None, :])       # (Bg, c) raw cosines
-        lowest, highest = logits.aminmax()
-        clamped = (logits.abs() > 1.0) if (lowest < -1.0 or highest > 1.0) else None
-        logits.clamp_(-1.0, 1.0)
-        cos = logits.clone() if want_cos else None
+        logits = (x_hat_c @ w.t()).to(acc).mul_(col_scale[lo:hi][None, :])        # (Bg, c) s * raw cos
+        clamped = None
+        if may_read:
+            lowest, highest = logits.aminmax()
+            out_of_range = bool(lowest < -s or highest > s)
+        if not may_read or out_of_range:
+            clamped = logits.abs() > s
+            logits.clamp_(-s, s)
+        cos = logits / s if want_cos else None
         in_chunk = has_target & (target_col >= lo) & (target_col < hi)
-        t_rows = rows_all[in_chunk]
-        t_cols = target_col[in_chunk] - lo
-        cos_t = logits[t_rows, t_cols]
+        col = (target_col - lo).clamp_(0, hi - lo - 1)[:, None]                    # (Bg, 1)
+        logit_t = logits.gather(1, col).squeeze(1)
+        cos_t = logit_t / s
+        psi, dpsi = margin.target(cos_t)
+        psi_t = s * psi
+        logits.scatter_(1, col, torch.where(in_chunk, psi_t, logit_t)[:, None])
+        target = (in_chunk, col, cos_t, psi_t, dpsi)
         filtered = None
         if tau > 0:
-            filtered = logits > tau
-            filtered[t_rows, t_cols] = False
+            filtered = clear_target(logits > tau * s, target)
             logits.masked_fill_(filtered, 0.0)
-        logits.mul_(s)
         if exclude:
-            same = inp.row_labels[:, None] == inp.column_labels[lo:hi][None, :]
-            same[t_rows, t_cols] = False
+            same = clear_target(inp.row_labels[:, None] == inp.column_labels[lo:hi][None, :], target)
             logits.masked_fill_(same, float("-inf"))
-        return logits, cos_t, t_rows, t_cols, clamped, filtered, w, cos
+        return logits, target, clamped, filtered, w, cos
 
-    # pass 1: online max / sum-exp; target logits from the owning chunk
+    # pass 1: online max / sum-exp; target logits from the owning chunk. A chunk's logits become
+    # exp(logit - shift) in place, shift (Bg,) being the running row maximum: pass 2 rescales them.
     for i, (lo, hi) in enumerate(chunks):
-        logits, cos_t, t_rows, t_cols, clamped, filtered, w, cos = chunk_logits(lo, hi, want_cos=bool(h))
-        if t_rows.numel():
-            psi, dpsi = margin.target(cos_t)
-            logits[t_rows, t_cols] = s * psi
-            target_cos[t_rows] = cos_t
-            target_logit[t_rows] = s * psi
-            target_dpsi[t_rows] = dpsi
+        logits, target, clamped, filtered, w, cos = chunk_logits(lo, hi, want_cos=bool(h))
+        in_chunk, col, cos_t, psi_t, dpsi = target
+        target_cos = torch.where(in_chunk, cos_t, target_cos)
+        target_logit = torch.where(in_chunk, psi_t, target_logit)
+        target_dpsi = torch.where(in_chunk, dpsi, target_dpsi)
         if h:
             # negatives only: logits of -inf are excluded entries, targets and filtered ones never count
             neg = cos.masked_fill_(torch.isneginf(logits), float("-inf"))
-            neg[t_rows, t_cols] = float("-inf")
+            neg.scatter_(1, col, torch.where(in_chunk[:, None], float("-inf"), neg.gather(1, col)))
             if filtered is not None:
                 neg.masked_fill_(filtered, float("-inf"))
             v, c = _chunk_top_negatives(neg, lo, min(h, hi - lo))
             top_cos, top_col = _top_by_value_then_col(torch.cat([top_cos, v], 1), torch.cat([top_col, c], 1), h)
-        new_max = torch.maximum(row_max, logits.max(dim=1).values)
-        row_sum = row_sum * torch.exp(row_max - new_max) + torch.sub(logits, new_max[:, None]).exp_().sum(dim=1)
-        row_max = new_max
+        shift = torch.maximum(row_max, logits.amax(dim=1))
+        exps = logits.sub_(shift[:, None]).exp_()
+        row_sum = row_sum * torch.exp(row_max - shift) + exps.sum(dim=1)
+        row_max = shift
+        shifts.append(shift)
         if need_grad:
-            size = logits.numel() * logits.element_size()
+            size = exps.numel() * exps.element_size()
             if i == len(chunks) - 1 or kept_bytes + size <= cache_bytes:
                 # a converted chunk of rows (low-precision centers) is cheaper to convert again than to keep
                 keep_w = w if (i == len(chunks) - 1 or inp.centers.dtype == compute_dtype) else None
-                kept[i] = (logits, t_rows, t_cols, clamped, filtered, keep_w)
+                kept[i] = (exps, target, clamped, filtered, keep_w)
                 kept_bytes += size
 
     global_max = all_reduce_(row_max.clone(), group, op=dist.ReduceOp.MAX)
     global_sum = all_reduce_(row_sum * torch.exp(row_max - global_max), group)
     # target logit and the number of targets of every row, in one all-reduce
-    targets = all_reduce_(torch.stack([target_logit, (has_target | row_mask).to(acc)]), group)
+    targets = all_reduce_(torch.stack([target_logit, has_target.to(acc) + row_mask.to(acc)]), group)
     global_target, target_count = targets[0], targets[1]
     is_valid = valid > 0
-    if bool((is_valid & (target_count != 1)).any()):
-        row = int((is_valid & (target_count != 1)).nonzero()[0, 0])
-        raise ValueError(f"row {row} of the global batch is valid but has {int(target_count[row])} targets "
-                         "over all ranks (exactly one expected)")
+    miscounted = is_valid & (target_count != 1)
+    if may_read or errors is None:
+        if bool(miscounted.any()):
+            row = int(miscounted.nonzero()[0, 0])
+            raise ValueError(f"row {row} of the global batch is valid but has {int(target_count[row])} targets "
+                             "over all ranks (exactly one expected)")
+    else:
+        found, row = first_true(miscounted)
+        errors.report(found, torch.cat([row.view(1).to(acc), target_count.index_select(0, row.view(1))]), lambda d: ValueError(
+            f"row {int(d[0])} of the global batch is valid but has {int(d[1])} targets over all ranks "
+            "(exactly one expected); it was left out of that step's loss"))
+        valid = torch.where(miscounted, torch.zeros_like(valid), valid)
+        is_valid = valid > 0
     log_z = torch.log(global_sum) + global_max
     n_valid = valid.sum().clamp_min(1.0)
     # an invalid row may have no column at all (log_z = -inf): select, never multiply by 0
@@ -321,55 +357,63 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     if not need_grad:
         return loss, (None, None, None)
 
-    # pass 2: probabilities and gradients, last chunk first (its logits are still at hand)
+    # pass 2: probabilities and gradients, last chunk first (its logits are still at hand).
+    # d loss / d cos_ij = s * row_weight_i * p_ij, p_ij = exp(logit_ij - max_i) / sum_i; at the target
+    # it is (s * row_weight_i * p_ij - s * row_weight_i) * d psi / d cos. With the chunk holding
+    # exps_ij = exp(logit_ij - shift_i): g_ij = r_i * exps_ij (targets: times d psi) plus the sparse
+    # target term t_i = -s * row_weight_i * d psi_i, where r_i = s * row_weight_i / sum_i * exp(shift_i - max_i).
+    # The row factor r goes to the (Bg, D) side of both GEMMs and the target term is O(Bg * D): the
+    # (Bg, c) chunk sees one multiply (by 1 / |w_j|) in this pass.
     inv_sum = torch.where(global_sum > 0, 1.0 / global_sum, torch.zeros_like(global_sum))
     row_weight = valid / n_valid                                           # (Bg,)
+    coef = s * row_weight * inv_sum                                        # (Bg,)
     grad_x_hat = torch.zeros_like(x_hat)                                   # (Bg, D) acc
     # detached columns (DCQ keys, F2C pool slots) need no gradient: skip that GEMM
     # (A, D) in the centers' own dtype: a bfloat16 leaf gets its gradient rounded chunk by chunk
     grad_centers = (torch.empty(inp.centers.shape, dtype=inp.centers.dtype if inp.centers.dtype != torch.float16
                                 else acc, device=device) if center_grad else None)
-    # d loss / d cos_ij = s * p_ij * row_weight_i (minus s * row_weight_i at the target, whose entry
-    # also carries d psi / d cos); p_ij = exp(logit_ij - max_i) / sum_i: one per-row coefficient
-    coef = (s * row_weight * inv_sum)[:, None]                              # (Bg, 1)
     for i in reversed(range(len(chunks))):
         lo, hi = chunks[i]
         if i in kept:
-            logits, t_rows, t_cols, clamped, filtered, w = kept.pop(i)
+            exps, target, clamped, filtered, w = kept.pop(i)
             if w is None:
                 w = inp.centers[lo:hi].to(compute_dtype)
         else:
-            logits, _, t_rows, t_cols, clamped, filtered, w, _ = chunk_logits(lo, hi)
-            if t_rows.numel():
-                logits[t_rows, t_cols] = target_logit[t_rows]
-        grad_cos = logits.sub_(global_max[:, None]).exp_().mul_(coef)       # (Bg, c), in place
-        if t_rows.numel():
-            grad_cos[t_rows, t_cols] = (grad_cos[t_rows, t_cols] - s * row_weight[t_rows]) * target_dpsi[t_rows]
+            logits, target, clamped, filtered, w, _ = chunk_logits(lo, hi)
+            exps = logits.sub_(shifts[i][:, None]).exp_()
+        shift = shifts[i]
+        in_chunk, col, _, _, _ = target
+        r = coef * torch.exp(shift - global_max)                           # (Bg,)
+        dpsi_t = torch.where(in_chunk, target_dpsi, torch.ones_like(target_dpsi))
+        exps.scatter_(1, col, exps.gather(1, col) * dpsi_t[:, None])
+        sparse = torch.where(in_chunk, -s * row_weight * target_dpsi, torch.zeros_like(target_dpsi))
         if clamped is not None:
-            grad_cos.masked_fill_(clamped, 0.0)
+            exps.masked_fill_(clamped, 0.0)
+            sparse = sparse.masked_fill_(clamped.gather(1, col).squeeze(1), 0.0)
         if filtered is not None:
-            grad_cos.masked_fill_(filtered, 0.0)
+            exps.masked_fill_(filtered, 0.0)
         # raw_ij = x_hat_i . w_j * inv_j; with gi_ij = g_ij * inv_j: d x_hat_i = sum_j gi_ij w_j and,
         # U_j = sum_i gi_ij x_hat_i, d w_j = U_j - w_j * inv_j^2 * (w_j . U_j)
         inv = c_norm_inv[lo:hi]
-        gi = grad_cos.mul_(inv[None, :]).to(compute_dtype)                      # (Bg, c), in place
-        if acc == compute_dtype:
-            grad_x_hat.addmm_(gi, w)
-        else:
-            grad_x_hat += (gi @ w).to(acc)
+        gi = exps.mul_(inv[None, :]).to(compute_dtype)                      # (Bg, c), in place
+        sparse = sparse * inv.gather(0, col.squeeze(1))                     # (Bg,) target term of gi
+        w_t = w.index_select(0, col.squeeze(1)).to(acc)                     # (Bg, D) each row's target row
+        grad_x_hat.addcmul_(r[:, None], (gi @ w).to(acc)).addcmul_(sparse[:, None], w_t)
         if not center_grad:
             continue
+        x_r = (x_hat * r[:, None]).to(compute_dtype)                        # (Bg, D)
         if grad_centers.dtype == acc == compute_dtype:
-            u = torch.mm(gi.t(), x_hat_c, out=grad_centers[lo:hi])              # (c, D), formed in place
+            u = torch.mm(gi.t(), x_r, out=grad_centers[lo:hi])               # (c, D), formed in place
         else:
-            u = (gi.t() @ x_hat_c).to(acc)
+            u = (gi.t() @ x_r).to(acc)
+        u.index_add_(0, col.squeeze(1), x_hat * sparse[:, None])            # rows without a target add 0
         w_acc = w.to(acc)
         radial = torch.linalg.vecdot(w_acc, u).mul_(inv * inv)                  # (c,)
         u.addcmul_(w_acc, radial[:, None], value=-1.0)
         if u.data_ptr() != grad_centers[lo:hi].data_ptr():
             grad_centers[lo:hi] = u
     grad_row = None
-    if row_mask.any():
+    if with_row_centers:
         p_row = torch.exp(target_logit - global_max) * inv_sum
         g_row = (p_row - 1.0) * row_weight * s * target_dpsi * row_mask
         g_row = g_row * ((row_raw >= -1.0) & (row_raw <= 1.0))

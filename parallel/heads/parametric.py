@@ -11,18 +11,30 @@ from parallel.groups import ParallelState
 from parallel.heads.base import Head, HeadOutput
 from parallel.heads.config import HeadConfig
 from parallel.heads.sampling import ActiveSet, all_rows, sample_rows
+from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
 from parallel.margins import Margin
 from parallel.sharding import ClassShard
 from parallel.softmax import margin_softmax_loss
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, rank: int) -> None:
-    """Raises ValueError naming the first label outside [0, num_classes) and its position."""
+def check_labels(labels: torch.Tensor, num_classes: int, rank: int, errors: DeferredErrors | None = None) -> None:
+    """Raises ValueError naming the first label outside [0, num_classes) and its position: at once, or
+    through `errors` where host reads are not cheap (parallel/host_sync.py; such a row has no target
+    on any rank, so the softmax leaves it out of the loss)."""
     bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"label {int(labels[pos])} at position {pos} of rank {rank}'s batch is outside "
-                         f"[0, {num_classes})")
+
+    def describe(details):
+        pos, label = int(details[0]), int(details[1])
+        return ValueError(f"label {label} at position {pos} of rank {rank}'s batch is outside [0, {num_classes})")
+
+    if errors is None or host_reads_are_cheap(labels.device):
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise describe([pos, int(labels[pos])])
+        return
+    found, pos = first_true(bad)
+    errors.report(found, torch.cat([pos.view(1), labels.index_select(0, pos.view(1)) if labels.numel() else pos.view(1)]),
+                  describe)
 
 
 class ParametricHead(Head):
@@ -51,6 +63,7 @@ class ParametricHead(Head):
         self.generator = torch.Generator(device=state.device).manual_seed(
             (cfg.seed * 1_000_003 + 7919 * (state.head_rank + 1)) % (1 << 63))
         self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        self.errors = DeferredErrors()   # input errors found on an accelerator, raised a step later
 
     # -- the strategy ------------------------------------------------------------------------
     def select(self, labels_global: torch.Tensor) -> ActiveSet:
@@ -69,8 +82,9 @@ class ParametricHead(Head):
             raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(x.shape)}")
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must be ({x.shape[0]},), got {tuple(labels.shape)}")
+        self.errors.raise_ready()
         labels = labels.to(device=x.device, dtype=torch.long)
-        check_labels(labels, self.num_classes, self.state.rank)
+        check_labels(labels, self.num_classes, self.state.rank, self.errors)
         labels_global = all_gather_rows(labels, self.group)                                 # (Bg,)
         pending = gather_batch_async(x, self.group, grad_scale=float(self.state.data_world))
         return pending, labels_global
@@ -93,7 +107,7 @@ class ParametricHead(Head):
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
                                    chunk_size=self.cfg.chunk_size,
                                    cache_bytes=self.cfg.logit_cache_bytes, compute_dtype=self.compute_dtype,
-                                   stats=stats)
+                                   stats=stats, errors=self.errors)
         self._pending.append((active.rows, centers))
         self.last_active = active
         return HeadOutput(loss, {"active_classes": torch.tensor(float(active.num_active))})

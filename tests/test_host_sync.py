@@ -1,0 +1,147 @@
+"""The head's step makes no host read of device values where reads are not cheap (an accelerator;
+imposed on the CPU with host_reads(False)): proven under a dispatch mode that fails on every op that
+reads a device value on the host or sizes its output by the data. Results match the CPU path, and a
+bad label is reported at the next step, its row left out of the loss meanwhile."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from parallel.heads import HeadConfig, build_head
+from parallel.heads.config import MarginConfig
+from parallel.host_sync import DeferredErrors, host_reads
+from parallel.margins import Margin
+from parallel.softmax import margin_softmax_loss
+
+aten = torch.ops.aten
+# ops that wait for the device to answer on the host, or whose output size depends on the data
+READS = {aten._local_scalar_dense.default, aten.item.default, aten.nonzero.default, aten.nonzero_static.default,
+         aten.masked_select.default, aten._unique.default, aten._unique2.default, aten.unique_dim.default,
+         aten.unique_consecutive.default, aten.repeat_interleave.Tensor, aten.is_nonzero.default}
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on any host read of a tensor value (boolean-mask indexing included)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in READS:
+            raise AssertionError(f"host read: {func}")
+        if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default):
+            indices = args[1]
+            if any(i is not None and i.dtype == torch.bool for i in indices):
+                raise AssertionError(f"boolean-mask indexing: {func}")
+        return func(*args, **kwargs)
+
+
+def test_detector_catches_reads():
+    t = torch.ones(3)
+    with pytest.raises(AssertionError, match="host read"), NoHostReads():
+        bool((t > 0).any())
+    with pytest.raises(AssertionError, match="boolean-mask"), NoHostReads():
+        t[t > 0]
+    with pytest.raises(AssertionError, match="host read"), NoHostReads():
+        torch.unique(t)
+
+
+def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
+    torch.manual_seed(0)
+    cfg = HeadConfig(type=kind, sample_rate=rate, chunk_size=5, logit_cache_mib=0, seed=1,
+                     margin=MarginConfig(m1=1.0, m2=0.3, m3=0.1, scale=16.0, interclass_filter=0.4))
+    head = build_head(cfg, state, classes, dim)
+    out = []
+    gen = torch.Generator().manual_seed(7 + state.rank)
+    for step in range(steps):
+        x = torch.randn(batch, dim, generator=gen, requires_grad=True)
+        labels = labels_fn(step, state.rank, gen)
+        try:
+            if watch:
+                with NoHostReads():
+                    loss = head(x, labels).loss
+                    loss.backward()
+                    head.step(lr=0.1)
+            else:
+                loss = head(x, labels).loss
+                loss.backward()
+                head.step(lr=0.1)
+        except ValueError as e:
+            out.append(("error", str(e)))
+            break
+        out.append((loss.detach(), x.grad.clone()))
+    out.append(head.bank.weight.clone())
+    return out
+
+
+CLASSES, DIM, BATCH = 61, 6, 5  # partial: 12 of ~30 rows per rank, >= the global batch
+BAD_LABEL = CLASSES + 4
+
+
+def random_labels(step, rank, gen):
+    return torch.randint(0, CLASSES, (BATCH,), generator=gen)
+
+
+def labels_with_one_bad(step, rank, gen):
+    y = random_labels(step, rank, gen)
+    if step == 1 and rank == 1:
+        y[3] = BAD_LABEL
+    return y
+
+
+def run_head(state, kind, rate, reads, labels_fn=random_labels):
+    with host_reads(reads):
+        return head_step(state, kind, rate, labels_fn, CLASSES, DIM, BATCH, steps=3, watch=not reads)
+
+
+@pytest.mark.parametrize("kind,rate", [("full", 1.0), ("partial", 0.4)])
+def test_head_step_makes_no_host_read_and_matches_the_cpu_path(spawn_ranks, kind, rate):
+    watched = spawn_ranks(run_head, 2, args=(kind, rate, False))
+    plain = spawn_ranks(run_head, 2, args=(kind, rate, True))
+    for w, p in zip(watched, plain):
+        assert len(w) == 4 and all(not isinstance(step[0], str) for step in w[:-1]), w
+        for (lw, gw), (lp, gp) in zip(w[:-1], p[:-1]):
+            torch.testing.assert_close(lw, lp, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(gw, gp, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(w[-1], p[-1], rtol=1e-6, atol=1e-7)
+
+
+def test_bad_label_is_reported_at_the_next_step_and_left_out_of_the_loss(spawn_ranks):
+    results = spawn_ranks(run_head, 2, args=("full", 1.0, False, labels_with_one_bad))
+    for r, res in enumerate(results):
+        assert res[2][0] == "error", res[2]  # step 2 raises the error of step 1, no read in step 1 itself
+        if r == 1:
+            assert f"label {BAD_LABEL} at position 3 of rank 1's batch" in res[2][1]
+        loss, grad = res[1]
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    # that row of rank 1 got no gradient; the others did
+    assert torch.count_nonzero(results[1][1][1][3]) == 0
+    assert torch.count_nonzero(results[1][1][1][2]) > 0
+
+
+def test_softmax_without_host_reads_matches_with_reads_on_every_input_kind():
+    """Exclusions, the per-row extra column, validity and hard-negative mining, float64."""
+    g = torch.Generator().manual_seed(3)
+    bg, a, d = 7, 11, 5
+    x = torch.randn(bg, d, generator=g, dtype=torch.float64)
+    centers = torch.randn(a, d, generator=g, dtype=torch.float64)
+    centers[2] = x[0] * 3.0   # a cosine of 1 up to rounding: the clamp path
+    target_col = torch.tensor([2, -1, 4, 0, -1, 9, 10])
+    row_mask = target_col < 0
+    row_centers = torch.randn(bg, d, generator=g, dtype=torch.float64)
+    column_labels = torch.randint(0, 4, (a,), generator=g)
+    row_labels = torch.randint(0, 4, (bg,), generator=g)
+    valid = torch.tensor([1, 1, 1, 0, 1, 1, 1], dtype=torch.float64)
+    margin = Margin(1.0, 0.4, 0.05, 10.0, "exact", 0.3)
+
+    def run(reads):
+        xs, cs, rs = (t.clone().requires_grad_(True) for t in (x, centers, row_centers))
+        stats = {}
+        with host_reads(reads), (NoHostReads() if not reads else torch.enable_grad()):
+            loss = margin_softmax_loss(xs, cs, target_col, margin=margin, chunk_size=3, compute_dtype=torch.float64,
+                                       row_centers=rs, row_center_mask=row_mask, column_labels=column_labels,
+                                       row_labels=row_labels, valid=valid, stats=stats, top_negatives=2,
+                                       cache_bytes=100, errors=DeferredErrors())
+            loss.backward()
+        return loss, xs.grad, cs.grad, rs.grad, stats["top_negative_cos"], stats["top_negative_col"]
+
+    for got, want in zip(run(False), run(True)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
