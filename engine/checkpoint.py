@@ -610,6 +610,9 @@ def checkpoint_tags(directory: str) -> list[str]:
 
 def save_checkpoint(trainer, step: int, *, reason: str = "periodic") -> str:
     """Every rank calls this at the same step. Returns the checkpoint directory (`<dir>/<tag>`)."""
+    errors = getattr(trainer.head, "errors", None)
+    if errors is not None:  # input errors still on their way from the device are raised before anything is saved
+        errors.raise_ready(wait=True)
     state = trainer.state
     rank, world = state.rank, state.world_size
     root = os.path.abspath(trainer.checkpoint_dir)

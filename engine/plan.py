@@ -76,11 +76,14 @@ def head_bytes(p: PlanInput) -> dict:
         out["head_rows"] = c_r * d * BYTES[p.storage_dtype]
         mom = c_r * d * BYTES[p.momentum_dtype] + (4 * c_r if p.momentum_dtype == "int8" else 0)
         out["head_optimizer_state"] = mom
-        out["head_sampling"] = 4 * c_r if p.head != "full" else 0
+        every_row = p.head == "full" or (p.head == "partial" and int(p.sample_rate * c_r) >= c_r)
+        # one float32 draw per class, its copy with a spare slot, the positives mask
+        out["head_sampling"] = 0 if every_row else 9 * c_r
         # active rows (the leaf) and their gradient (formed in forward, handed to the leaf in backward):
-        # float32, or bfloat16 in the lean mode (bfloat16 storage)
+        # float32, or bfloat16 in the lean mode (bfloat16 storage); with every row active the leaf is
+        # the bank's own tensor and only the gradient is extra
         leaf = 2 if p.storage_dtype == "bfloat16" else 4
-        out["head_active_rows_and_grads"] = 2 * active * d * leaf
+        out["head_active_rows_and_grads"] = (1 if every_row else 2) * active * d * leaf
         # the optimizer step works in blocks of rows (dense mode: of every row, each block once)
         out["head_update_workspace"] = update_workspace_bytes(
             c_r if p.update == "dense" else active, d, DTYPES[p.storage_dtype], DTYPES[p.momentum_dtype])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from parallel.kernels import sgd_rows_
 from parallel.sharding import ClassShard
 
 INIT_BLOCK = 1 << 16    # classes per seeded block of initial rows
@@ -200,6 +201,11 @@ class CenterBank(nn.Module):
             index = torch.arange(self.num_rows, device=self.weight.device)
         if values is not None and values.shape != grad.shape:
             raise ValueError(f"values {tuple(values.shape)} do not match the gradient {tuple(grad.shape)}")
+        grad = grad.to(self.math_dtype)
+        if (self.weight.dtype == self.momentum.dtype == self.math_dtype and momentum != 0.0
+                and (values is None or values.dtype == self.math_dtype)
+                and sgd_rows_(self.weight, self.momentum, index, grad, values, lr, momentum, weight_decay)):
+            return  # the fused kernel: one pass over every row
         block = update_block_rows(self.dim)
         # two (block, D) workspaces for every block: d_p then the new rows, and the momentum
         workspace = (torch.empty(min(block, index.numel()), self.dim, dtype=self.math_dtype, device=self.weight.device),

@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from parallel.collectives import all_reduce_
 from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
+from parallel.kernels import exp_rows_, project_out_rows_, scale_columns_
 from parallel.margins import Margin
 
 DEFAULT_CACHE_BYTES = 256 << 20  # pass-1 logits kept for pass 2 (see margin_softmax_loss)
@@ -269,12 +270,14 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         there are none), the chunk's rows `w` and, if asked, the clamped cosines. No host read unless
         cheap: the target entries are gathered and scattered for every row."""
         w = inp.centers[lo:hi].to(compute_dtype)                                   # (c, D), no copy if same
-        logits = (x_hat_c @ w.t()).to(acc).mul_(col_scale[lo:hi][None, :])        # (Bg, c) s * raw cos
+        logits = (x_hat_c @ w.t()).to(acc)                                         # (Bg, c) x_hat . w_j
+        value_range = scale_columns_(logits, col_scale[lo:hi]) if may_read else None  # s * raw cos
+        if value_range is None:
+            logits.mul_(col_scale[lo:hi][None, :])
+            if may_read:
+                value_range = [float(v) for v in logits.aminmax()]
         clamped = None
-        if may_read:
-            lowest, highest = logits.aminmax()
-            out_of_range = bool(lowest < -s or highest > s)
-        if not may_read or out_of_range:
+        if not may_read or value_range[0] < -s or value_range[1] > s:
             clamped = logits.abs() > s
             logits.clamp_(-s, s)
         cos = logits / s if want_cos else None
@@ -311,9 +314,8 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
                 neg.masked_fill_(filtered, float("-inf"))
             v, c = _chunk_top_negatives(neg, lo, min(h, hi - lo))
             top_cos, top_col = _top_by_value_then_col(torch.cat([top_cos, v], 1), torch.cat([top_col, c], 1), h)
-        shift = torch.maximum(row_max, logits.amax(dim=1))
-        exps = logits.sub_(shift[:, None]).exp_()
-        row_sum = row_sum * torch.exp(row_max - shift) + exps.sum(dim=1)
+        exps, chunk_sum, shift = exp_rows_(logits, row_max, given_shift=False)
+        row_sum = row_sum * torch.exp(row_max - shift) + chunk_sum
         row_max = shift
         shifts.append(shift)
         if need_grad:
@@ -380,7 +382,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
                 w = inp.centers[lo:hi].to(compute_dtype)
         else:
             logits, target, clamped, filtered, w, _ = chunk_logits(lo, hi)
-            exps = logits.sub_(shifts[i][:, None]).exp_()
+            exps = exp_rows_(logits, shifts[i], given_shift=True)[0]
         shift = shifts[i]
         in_chunk, col, _, _, _ = target
         r = coef * torch.exp(shift - global_max)                           # (Bg,)
@@ -407,9 +409,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         else:
             u = (gi.t() @ x_r).to(acc)
         u.index_add_(0, col.squeeze(1), x_hat * sparse[:, None])            # rows without a target add 0
-        w_acc = w.to(acc)
-        radial = torch.linalg.vecdot(w_acc, u).mul_(inv * inv)                  # (c,)
-        u.addcmul_(w_acc, radial[:, None], value=-1.0)
+        project_out_rows_(u, w.to(acc), inv)
         if u.data_ptr() != grad_centers[lo:hi].data_ptr():
             grad_centers[lo:hi] = u
     grad_row = None

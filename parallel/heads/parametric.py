@@ -92,11 +92,15 @@ class ParametricHead(Head):
     def active_centers(self, rows: torch.Tensor | None) -> torch.Tensor:
         """The rows as a leaf tensor (A, D), requiring grad: in the softmax's accumulation dtype, or in
         bfloat16 when the storage is bfloat16 (the lean mode: leaf and gradient at half size; the
-        softmax converts one chunk at a time to its GEMM dtype)."""
+        softmax converts one chunk at a time to its GEMM dtype). With every row active and the storage
+        already in that dtype, the leaf is the bank's own tensor (no copy of the shard: the step updates
+        it in place after backward, and nothing reads the leaf's values after the forward)."""
+        acc = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
+        if rows is None and self.bank.weight.dtype in (acc, torch.bfloat16):
+            return self.bank.weight.detach().requires_grad_(True)
         if self.bank.weight.dtype == torch.bfloat16:
             return self.bank.rows(rows, raw=True).requires_grad_(True)
-        return self.bank.rows(rows).to(torch.float64 if self.compute_dtype == torch.float64
-                                       else torch.float32).requires_grad_(True)
+        return self.bank.rows(rows).to(acc).requires_grad_(True)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
         pending, labels_global = self.start_gather(x, labels)
@@ -207,4 +211,6 @@ class PartialHead(ParametricHead):
         return int(math.floor(self.cfg.sample_rate * self.shard.count))
 
     def select(self, labels_global):
+        if self.num_sample >= self.shard.count:  # rho = 1: every row, as the full head (no gather, no copy)
+            return all_rows(labels_global, self.shard)
         return sample_rows(labels_global, self.shard, self.num_sample, self.generator)

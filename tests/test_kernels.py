@@ -1,0 +1,92 @@
+"""The fused CPU kernels (parallel/kernels.py) against plain float64 PyTorch, odd sizes, edge values."""
+
+import pytest
+import torch
+
+from parallel import kernels
+
+pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"),
+                                reason="the kernels are built for AVX2")
+
+
+def test_kernels_are_built_where_the_cpu_has_avx2():
+    assert kernels._module() is not None  # otherwise every step silently takes the slower path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_values", [False, True])
+def test_sgd_rows_matches_torch_sgd_and_leaves_other_rows_bit_for_bit(dtype, with_values):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(41, 13, generator=g, dtype=dtype)
+    momentum = torch.randn(41, 13, generator=g, dtype=dtype) * 0.1
+    index = torch.tensor([0, 3, 4, 17, 40])
+    grad = torch.randn(5, 13, generator=g, dtype=dtype)
+    w0, m0 = weight.clone(), momentum.clone()
+    values = weight[index].clone() if with_values else None
+    assert kernels.sgd_rows_(weight, momentum, index, grad, values, 0.1, 0.9, 5e-4)
+    p = w0[index].double().clone().requires_grad_(False)
+    opt = torch.optim.SGD([torch.nn.Parameter(p)], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    param = opt.param_groups[0]["params"][0]
+    param.grad = grad.double()
+    opt.state[param]["momentum_buffer"] = m0[index].double().clone()
+    opt.step()
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(weight[index].double(), param.detach(), **tol)
+    torch.testing.assert_close(momentum[index].double(), opt.state[param]["momentum_buffer"], **tol)
+    others = torch.ones(41, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(weight[others], w0[others]) and torch.equal(momentum[others], m0[others])
+    if values is not None:
+        assert torch.equal(values, w0[index])
+
+
+def test_sgd_rows_refuses_a_row_out_of_range():
+    w, m = torch.zeros(4, 3), torch.zeros(4, 3)
+    with pytest.raises(RuntimeError, match="row 4 out of range"):
+        kernels.sgd_rows_(w, m, torch.tensor([1, 4]), torch.zeros(2, 3), None, 0.1, 0.9, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_project_out_rows_matches_the_radial_term(dtype):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(37, 19, generator=g, dtype=dtype)
+    w = torch.randn(37, 19, generator=g, dtype=dtype)
+    inv = torch.rand(37, generator=g, dtype=dtype) + 0.5
+    ud, wd, invd = u.double(), w.double(), inv.double()
+    want = ud - wd * ((wd * ud).sum(1) * invd * invd)[:, None]
+    got = kernels.project_out_rows_(u.clone(), w, inv)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scale_columns_scales_and_reports_the_range(dtype):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(9, 29, generator=g, dtype=dtype)
+    scale = torch.rand(29, generator=g, dtype=dtype) * 3
+    want = logits.double() * scale.double()[None, :]
+    lowest, highest = kernels.scale_columns_(logits, scale)
+    torch.testing.assert_close(logits.double(), want, rtol=1e-6, atol=1e-7)
+    assert lowest == pytest.approx(float(want.min()), rel=1e-6) and highest == pytest.approx(float(want.max()), rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("width", [1, 7, 8, 29, 64])
+def test_exp_rows_against_float64(dtype, width):
+    g = torch.Generator().manual_seed(3 + width)
+    logits = torch.randn(6, width, generator=g, dtype=dtype) * 20
+    logits[1, 0] = float("-inf")                     # an excluded entry
+    logits[2] = float("-inf")                        # a row with nothing left
+    prev = torch.tensor([-1e30, 3.0, -1e30, 50.0, -1e30, 0.0], dtype=dtype)
+    ref = logits.double()
+    shift = torch.maximum(prev.double(), ref.amax(dim=1))
+    want = torch.exp(ref - shift[:, None])
+    exps, sums, got_shift = kernels.exp_rows_(logits.clone(), prev, given_shift=False)
+    tol = dict(rtol=2e-6, atol=1e-30) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-300)
+    torch.testing.assert_close(got_shift.double(), shift, rtol=0, atol=0)
+    torch.testing.assert_close(exps.double(), want, **tol)
+    torch.testing.assert_close(sums.double(), want.sum(1), **tol)
+    assert torch.equal(prev, torch.tensor([-1e30, 3.0, -1e30, 50.0, -1e30, 0.0], dtype=dtype))  # not modified
+    # with the shift given: exactly what the pass above produced (pass 2 recomputes chunks this way)
+    again, _, same = kernels.exp_rows_(logits.clone(), got_shift, given_shift=True)
+    assert torch.equal(again, exps) and torch.equal(same, got_shift)
