@@ -131,6 +131,7 @@ def _bench_rank(state, cfg: dict):
             times.append(t)
     if active is None:
         active = max(head.num_sample, 1)
+    peak_rss = peak_rss_bytes()   # the steps' peak, before the matmul-peak buffers below exist
     # the matmul peak: one plain GEMM of the step's shape in the same dtype, same process, with every
     # rank multiplying at the same time (as in the step: the ranks share the machine); and each rank
     # alone, the others waiting, for reference
@@ -163,7 +164,7 @@ def _bench_rank(state, cfg: dict):
             mm_alone = best_gemm_rate()
     if state.world_size > 1:
         dist.barrier()
-    return dict(step_seconds=times, active=active, peak_rss=peak_rss_bytes(), baseline_rss=baseline_rss,
+    return dict(step_seconds=times, active=active, peak_rss=peak_rss, baseline_rss=baseline_rss,
                 gflops_matmul_peak=mm_peak, gflops_matmul_one_rank_alone=mm_alone)
 
 

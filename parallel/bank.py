@@ -192,7 +192,11 @@ class CenterBank(nn.Module):
                 self._update_rows(rows, g, lr, momentum, weight_decay)
             return
         if index is None and self.weight.dtype == self.math_dtype and self.momentum.dtype == self.math_dtype:
-            # every row, full-precision storage: in place, no copies
+            # every row, full-precision storage: in place, no copies; one pass with the fused kernel
+            if momentum != 0.0 and sgd_rows_(self.weight, self.momentum,
+                                             torch.arange(self.num_rows, device=self.weight.device),
+                                             grad.to(self.math_dtype), None, lr, momentum, weight_decay):
+                return
             w, m = self.weight, self.momentum
             m.mul_(momentum).add_(grad.to(self.math_dtype)).add_(w, alpha=weight_decay)
             w.sub_(m, alpha=lr)

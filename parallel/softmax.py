@@ -94,12 +94,12 @@ class _FusedMarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats,
-                top_negatives, cache_bytes, errors):
+                top_negatives, cache_bytes, errors, center_grad_buffer):
         need_grad = any(ctx.needs_input_grad[:3])
         loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
                                            need_grad=need_grad, stats=stats, top_negatives=top_negatives,
                                            center_grad=ctx.needs_input_grad[1], cache_bytes=cache_bytes,
-                                           errors=errors)
+                                           errors=errors, center_grad_buffer=center_grad_buffer)
         ctx.grads = grads
         ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
         return loss
@@ -116,7 +116,7 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         out = [None if g is None else (g if unit else g.mul_(grad_loss.to(g.dtype))).to(dt)
                for g, dt in zip(grads, ctx.dtypes)]
         del grads
-        return (*out, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None)
 
 
 def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_col: torch.Tensor, *,
@@ -126,7 +126,8 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
                         column_labels: torch.Tensor | None = None, row_labels: torch.Tensor | None = None,
                         valid: torch.Tensor | None = None, stats: dict | None = None,
                         top_negatives: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                        errors: DeferredErrors | None = None) -> torch.Tensor:
+                        errors: DeferredErrors | None = None,
+                        center_grad_buffer: torch.Tensor | None = None) -> torch.Tensor:
     """Mean margin-softmax CE over the global batch, with all ranks' `centers` as the classes.
 
     Differentiable with respect to `x_global`, `centers` and `row_centers`. See the module docstring.
@@ -136,7 +137,9 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     chunk is always kept); the result does not depend on it. `errors`: where host reads are not cheap
     (parallel/host_sync.py), a row without exactly one target is reported there (raised at the next
     step) and left out of the loss instead of stopping the step to read the count; without it the
-    count is read and the error raised at once.
+    count is read and the error raised at once. `center_grad_buffer`, optional: a tensor of the centers'
+    shape and dtype the centers' gradient is written into (a head recycles the last step's gradient, so
+    a shard-sized buffer is not allocated, and page-faulted in, every step); its contents are overwritten.
     """
     if cache_bytes < 0:
         raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -153,7 +156,7 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     if row_centers is None:
         row_centers = x_global.new_empty(0)
     return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
-                                     compute_dtype, stats, top_negatives, cache_bytes, errors)
+                                     compute_dtype, stats, top_negatives, cache_bytes, errors, center_grad_buffer)
 
 
 def _top_by_value_then_col(values: torch.Tensor, cols: torch.Tensor, k: int):
@@ -183,7 +186,7 @@ def _chunk_top_negatives(neg_cos: torch.Tensor, lo: int, k: int):
 def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
                          compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None,
                          top_negatives: int = 0, center_grad: bool = True, cache_bytes: int = 0,
-                         errors: DeferredErrors | None = None):
+                         errors: DeferredErrors | None = None, center_grad_buffer: torch.Tensor | None = None):
     """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
 
     The gradients are those of the mean loss on this rank's columns (None if not need_grad; d centers
@@ -372,8 +375,14 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     grad_x_hat = torch.zeros_like(x_hat)                                   # (Bg, D) acc
     # detached columns (DCQ keys, F2C pool slots) need no gradient: skip that GEMM
     # (A, D) in the centers' own dtype: a bfloat16 leaf gets its gradient rounded chunk by chunk
-    grad_centers = (torch.empty(inp.centers.shape, dtype=inp.centers.dtype if inp.centers.dtype != torch.float16
-                                else acc, device=device) if center_grad else None)
+    grad_dtype = inp.centers.dtype if inp.centers.dtype != torch.float16 else acc
+    grad_centers = None
+    if center_grad:
+        reusable = (center_grad_buffer is not None and center_grad_buffer.shape == inp.centers.shape
+                    and center_grad_buffer.dtype == grad_dtype and center_grad_buffer.device == device
+                    and center_grad_buffer.is_contiguous())
+        grad_centers = (center_grad_buffer if reusable
+                        else torch.empty(inp.centers.shape, dtype=grad_dtype, device=device))
     for i in reversed(range(len(chunks))):
         lo, hi = chunks[i]
         if i in kept:

@@ -90,3 +90,20 @@ def test_exp_rows_against_float64(dtype, width):
     # with the shift given: exactly what the pass above produced (pass 2 recomputes chunks this way)
     again, _, same = kernels.exp_rows_(logits.clone(), got_shift, given_shift=True)
     assert torch.equal(again, exps) and torch.equal(same, got_shift)
+
+
+def test_every_row_step_of_the_bank_matches_torch_sgd():
+    from parallel.bank import CenterBank
+    from parallel.sharding import ClassShard
+    bank = CenterBank(ClassShard(30, 1, 0), 7, seed=2, dtype=torch.float64)
+    bank.momentum.normal_(generator=torch.Generator().manual_seed(4))
+    w0, m0 = bank.weight.clone(), bank.momentum.clone()
+    grad = torch.randn(30, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    bank.sgd_step(None, grad, lr=0.2, momentum=0.9, weight_decay=1e-3)
+    param = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([param], lr=0.2, momentum=0.9, weight_decay=1e-3)
+    param.grad = grad.clone()
+    opt.state[param]["momentum_buffer"] = m0.clone()
+    opt.step()
+    torch.testing.assert_close(bank.weight, param.detach(), rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(bank.momentum, opt.state[param]["momentum_buffer"], rtol=1e-14, atol=1e-15)

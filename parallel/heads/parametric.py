@@ -64,6 +64,7 @@ class ParametricHead(Head):
             (cfg.seed * 1_000_003 + 7919 * (state.head_rank + 1)) % (1 << 63))
         self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         self.errors = DeferredErrors()   # input errors found on an accelerator, raised a step later
+        self._spare_grad: torch.Tensor | None = None   # the last step's center gradient, written over next
 
     # -- the strategy ------------------------------------------------------------------------
     def select(self, labels_global: torch.Tensor) -> ActiveSet:
@@ -111,7 +112,8 @@ class ParametricHead(Head):
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
                                    chunk_size=self.cfg.chunk_size,
                                    cache_bytes=self.cfg.logit_cache_bytes, compute_dtype=self.compute_dtype,
-                                   stats=stats, errors=self.errors)
+                                   stats=stats, errors=self.errors, center_grad_buffer=self._spare_grad)
+        self._spare_grad = None
         self._pending.append((active.rows, centers))
         self.last_active = active
         return HeadOutput(loss, {"active_classes": torch.tensor(float(active.num_active))})
@@ -159,6 +161,8 @@ class ParametricHead(Head):
         opt = self.cfg.optimizer
         self.bank.sgd_step(rows, grad, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                            update=opt.update, values=values)
+        # consumed: the next forward writes its center gradient here instead of allocating one
+        self._spare_grad = grad
 
     def skip_step(self) -> None:
         self._pending.clear()
