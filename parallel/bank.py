@@ -193,9 +193,8 @@ class CenterBank(nn.Module):
             return
         if index is None and self.weight.dtype == self.math_dtype and self.momentum.dtype == self.math_dtype:
             # every row, full-precision storage: in place, no copies; one pass with the fused kernel
-            if momentum != 0.0 and sgd_rows_(self.weight, self.momentum,
-                                             torch.arange(self.num_rows, device=self.weight.device),
-                                             grad.to(self.math_dtype), None, lr, momentum, weight_decay):
+            if sgd_rows_(self.weight, self.momentum, torch.arange(self.num_rows, device=self.weight.device),
+                         grad.to(self.math_dtype), None, lr, momentum, weight_decay):
                 return
             w, m = self.weight, self.momentum
             m.mul_(momentum).add_(grad.to(self.math_dtype)).add_(w, alpha=weight_decay)
@@ -206,17 +205,17 @@ class CenterBank(nn.Module):
         if values is not None and values.shape != grad.shape:
             raise ValueError(f"values {tuple(values.shape)} do not match the gradient {tuple(grad.shape)}")
         grad = grad.to(self.math_dtype)
-        if (self.weight.dtype == self.momentum.dtype == self.math_dtype and momentum != 0.0
-                and (values is None or values.dtype == self.math_dtype)
-                and sgd_rows_(self.weight, self.momentum, index, grad, values, lr, momentum, weight_decay)):
-            return  # the fused kernel: one pass over every row
+        # the fused kernel (one pass over every row) where rows, momentum, gradient and values share the
+        # math dtype; else blocks through PyTorch
+        if sgd_rows_(self.weight, self.momentum, index, grad, values, lr, momentum, weight_decay):
+            return
         block = update_block_rows(self.dim)
         # two (block, D) workspaces for every block: d_p then the new rows, and the momentum
         workspace = (torch.empty(min(block, index.numel()), self.dim, dtype=self.math_dtype, device=self.weight.device),
                      torch.empty(min(block, index.numel()), self.dim, dtype=self.math_dtype, device=self.weight.device))
         for lo in range(0, index.numel(), block):
             n = min(block, index.numel() - lo)
-            self._update_rows(index[lo:lo + n], grad[lo:lo + n].to(self.math_dtype), lr, momentum, weight_decay,
+            self._update_rows(index[lo:lo + n], grad[lo:lo + n], lr, momentum, weight_decay,
                               None if values is None else values[lo:lo + n], (workspace[0][:n], workspace[1][:n]))
 
     def _update_rows(self, rows, grad, lr, momentum, weight_decay, values=None, workspace=None):
@@ -224,17 +223,6 @@ class CenterBank(nn.Module):
         weights, momenta = self.weights, self.momenta
         if workspace is None:
             workspace = (torch.empty_like(grad), torch.empty_like(grad))
-        plain = (self.weight.dtype == self.math_dtype and self.momentum.dtype == self.math_dtype
-                 and momentum != 0.0 and hasattr(torch, "_fused_sgd_"))
-        if plain:
-            # torch.optim.SGD(fused=True)'s kernel on the gathered block: one pass over it in cache
-            w = workspace[0].copy_(values) if values is not None else weights.read(rows, out=workspace[0])
-            m = momenta.read(rows, out=workspace[1])
-            torch._fused_sgd_([w], [grad], [m], weight_decay=weight_decay, momentum=momentum, lr=lr, dampening=0.0,
-                              nesterov=False, maximize=False, is_first_step=False)
-            momenta.write(rows, m, None)
-            weights.write(rows, w, self.rounding_generator)
-            return
         w = weights.read(rows) if values is None else values.to(self.math_dtype)
         d_p = torch.add(grad, w, alpha=weight_decay, out=workspace[0])
         m = momenta.read(rows, out=workspace[1]).mul_(momentum).add_(d_p)

@@ -231,7 +231,6 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
 
     row_max = torch.full((bg,), _NEG, dtype=acc, device=device)
     row_sum = torch.zeros(bg, dtype=acc, device=device)
-    target_cos = torch.zeros(bg, dtype=acc, device=device)
     target_logit = torch.zeros(bg, dtype=acc, device=device)
     target_dpsi = torch.zeros(bg, dtype=acc, device=device)
 
@@ -244,7 +243,6 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         row_cos = row_raw.clamp(-1.0, 1.0)
         psi, dpsi = margin.target(row_cos)
         row_logit = s * psi
-        target_cos = torch.where(row_mask, row_cos, target_cos)
         target_logit = torch.where(row_mask, row_logit, target_logit)
         target_dpsi = torch.where(row_mask, dpsi, target_dpsi)
         row_max = torch.where(row_mask, row_logit, row_max)
@@ -268,7 +266,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
 
     def chunk_logits(lo, hi, want_cos=False):
         """One chunk: logits (Bg, c) acc = s*cos with each row's target entry s*psi, the target figures
-        (in_chunk (Bg,), col (Bg, 1) clamped into the chunk, cos_t, s*psi_t, dpsi_t, all (Bg,),
+        (in_chunk (Bg,), col (Bg, 1) clamped into the chunk, s*psi_t, dpsi_t, all (Bg,),
         meaningful where in_chunk), the masks of clamped (|raw cos| > 1) and filtered entries (None when
         there are none), the chunk's rows `w` and, if asked, the clamped cosines. No host read unless
         cheap: the target entries are gathered and scattered for every row."""
@@ -291,7 +289,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         psi, dpsi = margin.target(cos_t)
         psi_t = s * psi
         logits.scatter_(1, col, torch.where(in_chunk, psi_t, logit_t)[:, None])
-        target = (in_chunk, col, cos_t, psi_t, dpsi)
+        target = (in_chunk, col, psi_t, dpsi)
         filtered = None
         if tau > 0:
             filtered = clear_target(logits > tau * s, target)
@@ -305,8 +303,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     # exp(logit - shift) in place, shift (Bg,) being the running row maximum: pass 2 rescales them.
     for i, (lo, hi) in enumerate(chunks):
         logits, target, clamped, filtered, w, cos = chunk_logits(lo, hi, want_cos=bool(h))
-        in_chunk, col, cos_t, psi_t, dpsi = target
-        target_cos = torch.where(in_chunk, cos_t, target_cos)
+        in_chunk, col, psi_t, dpsi = target
         target_logit = torch.where(in_chunk, psi_t, target_logit)
         target_dpsi = torch.where(in_chunk, dpsi, target_dpsi)
         if h:
@@ -393,7 +390,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             logits, target, clamped, filtered, w, _ = chunk_logits(lo, hi)
             exps = exp_rows_(logits, shifts[i], given_shift=True)[0]
         shift = shifts[i]
-        in_chunk, col, _, _, _ = target
+        in_chunk, col, _, _ = target
         r = coef * torch.exp(shift - global_max)                           # (Bg,)
         dpsi_t = torch.where(in_chunk, target_dpsi, torch.ones_like(target_dpsi))
         exps.scatter_(1, col, exps.gather(1, col) * dpsi_t[:, None])

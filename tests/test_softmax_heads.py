@@ -209,3 +209,28 @@ def test_bfloat16_gemms_warn_once_where_the_cpu_emulates_them(monkeypatch, nativ
     softmax.warn_if_bfloat16_gemms_are_emulated.cache_clear()
     messages = [str(w.message) for w in caught if "bfloat16 matrix multiply" in str(w.message)]
     assert len(messages) == (0 if native else 1), messages
+
+
+@pytest.mark.parametrize("kind,rate", [("full", 1.0), ("partial", 1.0), ("partial", 0.3)])
+def test_recycled_center_gradient_changes_nothing(kind, rate):
+    """The head writes each step's center gradient into the last step's (consumed) one: same rows after
+    several steps, bit for bit, as a head that allocates a new gradient every step."""
+    from parallel.groups import init_parallel
+    state = init_parallel()
+    heads = [build_head(HeadConfig(type=kind, sample_rate=rate, chunk_size=7, seed=5), state, 61, 9) for _ in range(2)]
+    g = torch.Generator().manual_seed(8)
+    ptrs = []
+    for _ in range(4):
+        x = torch.randn(6, 9, generator=g)
+        y = torch.randint(0, 61, (6,), generator=g)
+        for i, head in enumerate(heads):
+            if i == 1:
+                head._spare_grad = None          # the reference: a fresh gradient every step
+            loss = head(x.clone().requires_grad_(True), y).loss
+            loss.backward()
+            if i == 0:
+                ptrs.append(head._pending[0][1].grad.data_ptr())
+            head.step(lr=0.5)
+    assert len(set(ptrs[1:])) == 1                # the buffer really is reused
+    assert torch.equal(heads[0].bank.weight, heads[1].bank.weight)
+    assert torch.equal(heads[0].bank.momentum, heads[1].bank.momentum)
