@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
-from engine.launch import MALLOC_ENV
+from engine.launch import MALLOC_ENV, freeze_setup_objects
 from engine.metrics import peak_rss_bytes, rss_bytes
 from parallel.bank import initial_rows
 from parallel.collectives import all_gather_rows, gather_batch
@@ -101,6 +101,7 @@ def _bench_rank(state, cfg: dict):
     gen = torch.Generator().manual_seed(cfg["seed"] * 31 + state.rank)
     times = []
     active = None
+    freeze_setup_objects()   # as the trainer does before its first step
     for it in range(cfg["warmup"] + cfg["steps"]):
         labels = torch.randint(0, cfg["classes"], (b,), generator=gen)
         if backbone is not None:

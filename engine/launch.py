@@ -1,4 +1,5 @@
-"""Process-level setup that must happen before a rank process starts: glibc allocator settings.
+"""Process-level setup of a rank process: glibc allocator settings (before it starts) and the garbage
+collector (before its first step).
 
 glibc reads MALLOC_* from the environment only at process start, so a rank process either inherits
 them from whatever started it (tools/demo.py, tests) or re-executes itself once with them
@@ -8,6 +9,7 @@ one thread, fwd+bwd): 10-13k -> 2-3k minor page faults per step.
 """
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -45,3 +47,12 @@ def ensure_malloc_env(argv: list[str] | None = None) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable] + argv, malloc_env())
+
+
+def freeze_setup_objects() -> None:
+    """Moves every object alive now (torch's modules, the model, the head) out of the garbage collector's
+    reach, so the collections the step's short-lived objects trigger no longer walk them. Call once the
+    training objects are built, before the first step. Objects made later are collected as before.
+    Measured on the 1M-class partial head step (2 ranks, rho = 0.1): about 425 -> 400 ms per step."""
+    gc.collect()
+    gc.freeze()

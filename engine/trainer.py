@@ -348,8 +348,10 @@ class Trainer:
         eval_results: dict = {}
         start = time.perf_counter()
         start_step = self.step
+        from engine.launch import freeze_setup_objects
         from engine.preemption import Preemption
 
+        freeze_setup_objects()
         self.preemption = Preemption(cfg.checkpoint.grace_period_s).install()
         stop_reason = "final"
         try:

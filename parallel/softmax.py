@@ -87,6 +87,7 @@ class SoftmaxInputs:
     column_labels: torch.Tensor | None = None
     row_labels: torch.Tensor | None = None
     valid: torch.Tensor | None = None
+    center_norms: torch.Tensor | None = None
 
 
 class _FusedMarginSoftmax(torch.autograd.Function):
@@ -127,7 +128,8 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
                         valid: torch.Tensor | None = None, stats: dict | None = None,
                         top_negatives: int = 0, cache_bytes: int = DEFAULT_CACHE_BYTES,
                         errors: DeferredErrors | None = None,
-                        center_grad_buffer: torch.Tensor | None = None) -> torch.Tensor:
+                        center_grad_buffer: torch.Tensor | None = None,
+                        center_norms: torch.Tensor | None = None) -> torch.Tensor:
     """Mean margin-softmax CE over the global batch, with all ranks' `centers` as the classes.
 
     Differentiable with respect to `x_global`, `centers` and `row_centers`. See the module docstring.
@@ -140,6 +142,11 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     count is read and the error raised at once. `center_grad_buffer`, optional: a tensor of the centers'
     shape and dtype the centers' gradient is written into (a head recycles the last step's gradient, so
     a shard-sized buffer is not allocated, and page-faulted in, every step); its contents are overwritten.
+    It may be `centers` itself (same storage): each chunk of rows is then replaced by its gradient once
+    the chunk is done, so a head whose centers are a private copy of its rows holds one (A, D) tensor
+    instead of two; `centers` then holds the gradient after the call. `center_norms (A,)`, optional:
+    the centers' L2 norms where the caller has them already (measured while gathering the rows), so
+    the centers are not read once more for them.
     """
     if cache_bytes < 0:
         raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -152,7 +159,9 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     warn_if_bfloat16_gemms_are_emulated(compute_dtype, x_global.device.type)
     inputs = SoftmaxInputs(x_global.detach(), centers.detach(), target_col,
                            None if row_centers is None else row_centers.detach(), row_center_mask,
-                           column_labels, row_labels, valid)
+                           column_labels, row_labels, valid, center_norms)
+    if center_norms is not None and center_norms.shape != (centers.shape[0],):
+        raise ValueError(f"center_norms must be ({centers.shape[0]},), got {tuple(center_norms.shape)}")
     if row_centers is None:
         row_centers = x_global.new_empty(0)
     return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
@@ -205,8 +214,11 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     x_hat = (x.to(acc) / x_norm[:, None])                                          # (Bg, D) acc
     x_hat_c = x_hat.to(compute_dtype)
     # (A,), a chunk at a time: no full-size copy of low-precision centers
-    c_norm_inv = torch.cat([torch.linalg.vector_norm(inp.centers[lo:lo + chunk_size].to(acc), dim=1)
-                            for lo in range(0, a, chunk_size)]) if a else inp.centers.new_empty(0, dtype=acc)
+    if inp.center_norms is not None:
+        c_norm_inv = inp.center_norms.to(device=device, dtype=acc)
+    else:
+        c_norm_inv = torch.cat([torch.linalg.vector_norm(inp.centers[lo:lo + chunk_size].to(acc), dim=1)
+                                for lo in range(0, a, chunk_size)]) if a else inp.centers.new_empty(0, dtype=acc)
     c_norm_inv = 1.0 / c_norm_inv.clamp_min(1e-12)
     col_scale = c_norm_inv * s          # one multiply turns the GEMM's x_hat . w_j into the logit s cos_ij
 
@@ -314,7 +326,9 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
                 neg.masked_fill_(filtered, float("-inf"))
             v, c = _chunk_top_negatives(neg, lo, min(h, hi - lo))
             top_cos, top_col = _top_by_value_then_col(torch.cat([top_cos, v], 1), torch.cat([top_col, c], 1), h)
-        exps, chunk_sum, shift = exp_rows_(logits, row_max, given_shift=False)
+        # the exps kept for pass 2 carry its column factor 1 / |w_j| already (the sums do not)
+        exps, chunk_sum, shift = exp_rows_(logits, row_max, given_shift=False,
+                                           col_scale=c_norm_inv[lo:hi] if need_grad else None)
         row_sum = row_sum * torch.exp(row_max - shift) + chunk_sum
         row_max = shift
         shifts.append(shift)
@@ -364,8 +378,9 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     # it is (s * row_weight_i * p_ij - s * row_weight_i) * d psi / d cos. With the chunk holding
     # exps_ij = exp(logit_ij - shift_i): g_ij = r_i * exps_ij (targets: times d psi) plus the sparse
     # target term t_i = -s * row_weight_i * d psi_i, where r_i = s * row_weight_i / sum_i * exp(shift_i - max_i).
-    # The row factor r goes to the (Bg, D) side of both GEMMs and the target term is O(Bg * D): the
-    # (Bg, c) chunk sees one multiply (by 1 / |w_j|) in this pass.
+    # The row factor r goes to the (Bg, D) side of both GEMMs and the target term is O(Bg * D); the
+    # column factor 1 / |w_j| was applied by pass 1's exp, so this pass only touches the target entries
+    # (and the clamped or filtered ones) of the (Bg, c) chunk before its GEMMs.
     inv_sum = torch.where(global_sum > 0, 1.0 / global_sum, torch.zeros_like(global_sum))
     row_weight = valid / n_valid                                           # (Bg,)
     coef = s * row_weight * inv_sum                                        # (Bg,)
@@ -374,12 +389,16 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
     # (A, D) in the centers' own dtype: a bfloat16 leaf gets its gradient rounded chunk by chunk
     grad_dtype = inp.centers.dtype if inp.centers.dtype != torch.float16 else acc
     grad_centers = None
+    in_place = False   # the gradient overwrites the centers chunk by chunk (see margin_softmax_loss)
     if center_grad:
         reusable = (center_grad_buffer is not None and center_grad_buffer.shape == inp.centers.shape
                     and center_grad_buffer.dtype == grad_dtype and center_grad_buffer.device == device
                     and center_grad_buffer.is_contiguous())
         grad_centers = (center_grad_buffer if reusable
                         else torch.empty(inp.centers.shape, dtype=grad_dtype, device=device))
+        in_place = reusable and a > 0 and grad_centers.data_ptr() == inp.centers.data_ptr()
+        # a chunk's U is formed beside its rows, which the radial term still reads
+        u_chunk = x.new_empty((min(a, chunk_size), x.shape[1]), dtype=acc) if in_place else None
     for i in reversed(range(len(chunks))):
         lo, hi = chunks[i]
         if i in kept:
@@ -388,7 +407,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
                 w = inp.centers[lo:hi].to(compute_dtype)
         else:
             logits, target, clamped, filtered, w, _ = chunk_logits(lo, hi)
-            exps = exp_rows_(logits, shifts[i], given_shift=True)[0]
+            exps = exp_rows_(logits, shifts[i], given_shift=True, col_scale=c_norm_inv[lo:hi])[0]
         shift = shifts[i]
         in_chunk, col, _, _ = target
         r = coef * torch.exp(shift - global_max)                           # (Bg,)
@@ -403,7 +422,7 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         # raw_ij = x_hat_i . w_j * inv_j; with gi_ij = g_ij * inv_j: d x_hat_i = sum_j gi_ij w_j and,
         # U_j = sum_i gi_ij x_hat_i, d w_j = U_j - w_j * inv_j^2 * (w_j . U_j)
         inv = c_norm_inv[lo:hi]
-        gi = exps.mul_(inv[None, :]).to(compute_dtype)                      # (Bg, c), in place
+        gi = exps.to(compute_dtype)                       # (Bg, c), = g_ij * inv_j since pass 1's exp
         sparse = sparse * inv.gather(0, col.squeeze(1))                     # (Bg,) target term of gi
         w_t = w.index_select(0, col.squeeze(1)).to(acc)                     # (Bg, D) each row's target row
         grad_x_hat.addcmul_(r[:, None], (gi @ w).to(acc)).addcmul_(sparse[:, None], w_t)
@@ -411,13 +430,18 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             continue
         x_r = (x_hat * r[:, None]).to(compute_dtype)                        # (Bg, D)
         if grad_centers.dtype == acc == compute_dtype:
-            u = torch.mm(gi.t(), x_r, out=grad_centers[lo:hi])               # (c, D), formed in place
+            # (c, D), formed in place (beside the rows when it replaces them)
+            u = torch.mm(gi.t(), x_r, out=u_chunk[:hi - lo] if in_place else grad_centers[lo:hi])
         else:
             u = (gi.t() @ x_r).to(acc)
         u.index_add_(0, col.squeeze(1), x_hat * sparse[:, None])            # rows without a target add 0
-        project_out_rows_(u, w.to(acc), inv)
-        if u.data_ptr() != grad_centers[lo:hi].data_ptr():
-            grad_centers[lo:hi] = u
+        w_acc = w.to(acc)
+        if w_acc.data_ptr() == grad_centers[lo:hi].data_ptr():
+            project_out_rows_(u, w_acc, inv, out=w_acc)                     # the rows become their gradient
+        else:
+            project_out_rows_(u, w_acc, inv)
+            if u.data_ptr() != grad_centers[lo:hi].data_ptr():
+                grad_centers[lo:hi] = u
     grad_row = None
     if with_row_centers:
         p_row = torch.exp(target_logit - global_max) * inv_sum

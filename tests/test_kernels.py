@@ -11,11 +11,16 @@ pytestmark = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() not in (
                                 reason="the kernels are built for AVX2")
 
 
-@pytest.mark.skipif(os.environ.get("SHARDFACE_CPU_KERNELS") == "0", reason="kernels switched off")
+switched_off = pytest.mark.skipif(os.environ.get("SHARDFACE_CPU_KERNELS") == "0",
+                                  reason="kernels switched off (the test is of the kernel itself)")
+
+
+@switched_off
 def test_kernels_are_built_where_the_cpu_has_avx2():
     assert kernels._module() is not None  # otherwise every step silently takes the slower path
 
 
+@switched_off
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_values", [False, True])
 def test_sgd_rows_matches_torch_sgd_and_leaves_other_rows_bit_for_bit(dtype, with_values):
@@ -43,6 +48,7 @@ def test_sgd_rows_matches_torch_sgd_and_leaves_other_rows_bit_for_bit(dtype, wit
         assert torch.equal(values, w0[index])
 
 
+@switched_off
 def test_sgd_rows_refuses_a_row_out_of_range():
     w, m = torch.zeros(4, 3), torch.zeros(4, 3)
     with pytest.raises(RuntimeError, match="row 4 out of range"):
@@ -57,11 +63,36 @@ def test_project_out_rows_matches_the_radial_term(dtype):
     inv = torch.rand(37, generator=g, dtype=dtype) + 0.5
     ud, wd, invd = u.double(), w.double(), inv.double()
     want = ud - wd * ((wd * ud).sum(1) * invd * invd)[:, None]
-    got = kernels.project_out_rows_(u.clone(), w, inv)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    in_place = u.clone()
+    got = kernels.project_out_rows_(in_place, w, inv)
+    assert got.data_ptr() == in_place.data_ptr()
     torch.testing.assert_close(got.double(), want, **tol)
+    # written over the rows themselves (the head's leaf becoming its gradient); u is left as it was
+    rows, u_before = w.clone(), u.clone()
+    over_rows = kernels.project_out_rows_(u, rows, inv, out=rows)
+    assert over_rows.data_ptr() == rows.data_ptr() and torch.equal(u, u_before)
+    torch.testing.assert_close(over_rows.double(), want, **tol)
 
 
+@switched_off
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [1, 9, 16, 37])
+def test_gather_rows_copies_the_rows_and_measures_them(dtype, dim):
+    g = torch.Generator().manual_seed(4 + dim)
+    source = torch.randn(23, dim, generator=g, dtype=dtype)
+    index = torch.tensor([22, 0, 5, 5, 17, 3, 9], dtype=torch.long)
+    out = torch.full((7, dim), float("nan"), dtype=dtype)
+    norms = kernels.gather_rows_(source, index, out)
+    assert torch.equal(out, source[index])
+    tol = dict(rtol=1e-6, atol=0) if dtype == torch.float32 else dict(rtol=1e-14, atol=0)
+    torch.testing.assert_close(norms.double(), source[index].double().norm(dim=1), **tol)
+    with pytest.raises(RuntimeError, match="row 23 out of range"):
+        kernels.gather_rows_(source, torch.tensor([1, 23]), torch.empty(2, dim, dtype=dtype))
+    assert kernels.gather_rows_(source, index, torch.empty(7, dim, dtype=torch.bfloat16)) is None
+
+
+@switched_off
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_scale_columns_scales_and_reports_the_range(dtype):
     g = torch.Generator().manual_seed(2)
@@ -93,6 +124,13 @@ def test_exp_rows_against_float64(dtype, width):
     # with the shift given: exactly what the pass above produced (pass 2 recomputes chunks this way)
     again, _, same = kernels.exp_rows_(logits.clone(), got_shift, given_shift=True)
     assert torch.equal(again, exps) and torch.equal(same, got_shift)
+    # with a column factor: the exps scaled, the sums still those of the unscaled exps
+    col_scale = torch.rand(width, generator=g, dtype=dtype) + 0.25
+    scaled, scaled_sums, _ = kernels.exp_rows_(logits.clone(), prev, given_shift=False, col_scale=col_scale)
+    torch.testing.assert_close(scaled.double(), want * col_scale.double()[None, :], **tol)
+    torch.testing.assert_close(scaled_sums.double(), want.sum(1), **tol)
+    scaled_again = kernels.exp_rows_(logits.clone(), got_shift, given_shift=True, col_scale=col_scale)[0]
+    assert torch.equal(scaled_again, scaled)
 
 
 def test_every_row_step_of_the_bank_matches_torch_sgd():

@@ -186,6 +186,34 @@ def test_backward_hands_over_the_forward_gradient_and_refuses_a_second_pass():
         loss.backward()
 
 
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+@pytest.mark.parametrize("given_norms", [False, True])
+def test_center_gradient_written_over_the_centers_matches_the_reference(cache_bytes, given_norms):
+    """The gradient may replace the centers chunk by chunk (a head's private copy of its rows), with the
+    rows' norms handed in or measured: same loss and gradients as the dense float64 reference, whether
+    chunks are recomputed in pass 2 (no cache) or kept."""
+    from parallel.margins import Margin
+    from parallel.softmax import margin_softmax_loss
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    centers = rows.clone().requires_grad_(True)
+    target = torch.tensor([0, 3, 10, 5, 5, 2])
+    margin = Margin(1.0, 0.5, 0.0, 8.0, "exact", 0.0)
+    norms = torch.linalg.vector_norm(rows, dim=1) if given_norms else None
+    loss = margin_softmax_loss(x, centers, target, margin=margin, compute_dtype=torch.float64, chunk_size=4,
+                               cache_bytes=cache_bytes, center_grad_buffer=centers.detach(), center_norms=norms)
+    loss.backward()
+    ref_loss, ref_dx, ref_dw = dense_margin_softmax(x.detach(), rows, target, m1=1.0, m2=0.5, m3=0.0, s=8.0,
+                                                    grad="exact", tau=0.0)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, ref_dx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(centers.grad, ref_dw, rtol=1e-10, atol=1e-12)
+    assert centers.grad.data_ptr() == centers.data_ptr()       # no second (A, D) tensor
+    with pytest.raises(ValueError, match=r"center_norms must be \(11,\), got \(10,\)"):
+        margin_softmax_loss(x, rows, target, margin=margin, center_norms=torch.ones(10, dtype=torch.float64))
+
+
 def test_negative_logit_cache_is_refused():
     from parallel.margins import Margin
     from parallel.softmax import margin_softmax_loss
@@ -211,25 +239,35 @@ def test_bfloat16_gemms_warn_once_where_the_cpu_emulates_them(monkeypatch, nativ
     assert len(messages) == (0 if native else 1), messages
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float64"])
 @pytest.mark.parametrize("kind,rate", [("full", 1.0), ("partial", 1.0), ("partial", 0.3)])
-def test_recycled_center_gradient_changes_nothing(kind, rate):
-    """The head writes each step's center gradient into the last step's (consumed) one: same rows after
-    several steps, bit for bit, as a head that allocates a new gradient every step."""
+def test_recycled_center_gradient_changes_nothing(kind, rate, storage):
+    """The head writes each step's center gradient over its copy of the rows (the bank's own tensor:
+    into the last step's consumed gradient) and gathers the next step's rows into it: same rows after
+    several steps, bit for bit, as a head that allocates a new gradient every step beside its rows."""
     from parallel.groups import init_parallel
     state = init_parallel()
-    heads = [build_head(HeadConfig(type=kind, sample_rate=rate, chunk_size=7, seed=5), state, 61, 9) for _ in range(2)]
+    compute = "float64" if storage == "float64" else "float32"
+    cfg = HeadConfig(type=kind, sample_rate=rate, chunk_size=7, seed=5, storage_dtype=storage, compute_dtype=compute)
+    heads = [build_head(cfg, state, 61, 9) for _ in range(2)]
+    heads[1].leaf_is_a_copy = lambda centers: False   # the reference: the gradient beside the rows
     g = torch.Generator().manual_seed(8)
     ptrs = []
     for _ in range(4):
-        x = torch.randn(6, 9, generator=g)
+        x = torch.randn(6, 9, generator=g, dtype=torch.float64 if storage == "float64" else torch.float32)
         y = torch.randint(0, 61, (6,), generator=g)
         for i, head in enumerate(heads):
             if i == 1:
-                head._spare_grad = None          # the reference: a fresh gradient every step
+                head._spare_rows = None          # the reference: a fresh gradient every step
             loss = head(x.clone().requires_grad_(True), y).loss
             loss.backward()
+            leaf = head._pending[0][1]
             if i == 0:
-                ptrs.append(head._pending[0][1].grad.data_ptr())
+                ptrs.append(leaf.grad.data_ptr())
+                if rate < 1.0:
+                    assert leaf.grad.data_ptr() == leaf.data_ptr()   # one (A, D) tensor, not two
+            else:
+                assert leaf.grad.data_ptr() != leaf.data_ptr()
             head.step(lr=0.5)
     assert len(set(ptrs[1:])) == 1                # the buffer really is reused
     assert torch.equal(heads[0].bank.weight, heads[1].bank.weight)

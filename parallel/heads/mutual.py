@@ -162,7 +162,7 @@ class MutualHead(ParametricHead):
             # uniform set with features detached
             center_view = sample_rows(labels_global, self.shard, self.num_sample, self.generator)
             rows = torch.unique(torch.cat([active.rows, center_view.rows]))   # sorted union (A,)
-            centers = self.active_centers(rows)
+            centers = self.active_centers(rows, out=self._spare_rows)
             feature_cols = torch.searchsorted(rows, active.rows)
             center_cols = torch.searchsorted(rows, center_view.rows)
             loss_x = margin_softmax_loss(x_global, centers[feature_cols].detach(), active.target_col,
@@ -173,13 +173,14 @@ class MutualHead(ParametricHead):
             out_stats.update(loss_feature_view=loss_x.detach(), loss_center_view=loss_w.detach())
         else:
             rows = active.rows
-            centers = self.active_centers(rows)
+            centers = self.active_centers(rows, out=self._spare_rows)
             loss = margin_softmax_loss(x_global, centers, active.target_col, stats=stats,
                                        top_negatives=mc.top_h, **softmax)
             if mc.interaction == "pull":
                 pull = self.pull_loss(x_global, centers, active.target_col)
                 out_stats["pull_loss"] = pull.detach()
                 loss = loss + pull
+        self._spare_rows = None
         self._pending.append((rows, centers))
         self.last_active, self.last_hard = active, hard
         x_hat = torch.nn.functional.normalize(x_global.detach().to(centers.dtype), dim=1, eps=1e-12)

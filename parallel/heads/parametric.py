@@ -12,6 +12,7 @@ from parallel.heads.base import Head, HeadOutput
 from parallel.heads.config import HeadConfig
 from parallel.heads.sampling import ActiveSet, all_rows, sample_rows
 from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
+from parallel.kernels import gather_rows_
 from parallel.margins import Margin
 from parallel.sharding import ClassShard
 from parallel.softmax import margin_softmax_loss
@@ -64,7 +65,10 @@ class ParametricHead(Head):
             (cfg.seed * 1_000_003 + 7919 * (state.head_rank + 1)) % (1 << 63))
         self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         self.errors = DeferredErrors()   # input errors found on an accelerator, raised a step later
-        self._spare_grad: torch.Tensor | None = None   # the last step's center gradient, written over next
+        # the last step's (A, D) center gradient: the next forward's rows (or, when the leaf is the bank's
+        # own tensor, its gradient) are written into it instead of a fresh shard-sized allocation
+        self._spare_rows: torch.Tensor | None = None
+        self._values_overwritten = False   # the last forward's leaf holds its gradient, not the rows
 
     # -- the strategy ------------------------------------------------------------------------
     def select(self, labels_global: torch.Tensor) -> ActiveSet:
@@ -90,31 +94,56 @@ class ParametricHead(Head):
         pending = gather_batch_async(x, self.group, grad_scale=float(self.state.data_world))
         return pending, labels_global
 
-    def active_centers(self, rows: torch.Tensor | None) -> torch.Tensor:
-        """The rows as a leaf tensor (A, D), requiring grad: in the softmax's accumulation dtype, or in
-        bfloat16 when the storage is bfloat16 (the lean mode: leaf and gradient at half size; the
-        softmax converts one chunk at a time to its GEMM dtype). With every row active and the storage
-        already in that dtype, the leaf is the bank's own tensor (no copy of the shard: the step updates
-        it in place after backward, and nothing reads the leaf's values after the forward)."""
+    def active_centers(self, rows: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows as a leaf tensor (A, D), requiring grad (see `gather_active_centers`)."""
+        return self.gather_active_centers(rows, out)[0]
+
+    def gather_active_centers(self, rows: torch.Tensor | None,
+                              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(leaf (A, D) requiring grad, its rows' L2 norms (A,) or None). The leaf is in the softmax's
+        accumulation dtype, or in bfloat16 when the storage is bfloat16 (the lean mode: leaf and
+        gradient at half size; the softmax converts one chunk at a time to its GEMM dtype). With every
+        row active and the storage already in that dtype, the leaf is the bank's own tensor (no copy of
+        the shard: the step updates it in place after backward, and nothing reads the leaf's values
+        after the forward). `out`, optional: a buffer the rows are gathered into when its shape and
+        dtype fit. The norms come from the gathering pass where the CPU kernel does it."""
         acc = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
-        if rows is None and self.bank.weight.dtype in (acc, torch.bfloat16):
-            return self.bank.weight.detach().requires_grad_(True)
-        if self.bank.weight.dtype == torch.bfloat16:
-            return self.bank.rows(rows, raw=True).requires_grad_(True)
-        return self.bank.rows(rows).to(acc).requires_grad_(True)
+        weight = self.bank.weight
+        if rows is None and weight.dtype in (acc, torch.bfloat16):
+            return weight.detach().requires_grad_(True), None
+        dtype = torch.bfloat16 if weight.dtype == torch.bfloat16 else acc
+        if rows is not None and weight.dtype == dtype:
+            fits = (out is not None and out.dtype == dtype and out.device == weight.device
+                    and out.shape == (rows.numel(), self.embedding_size) and out.is_contiguous())
+            leaf = out.detach() if fits else weight.new_empty(rows.numel(), self.embedding_size)
+            norms = gather_rows_(weight, rows, leaf)
+            if norms is None:
+                torch.index_select(weight, 0, rows, out=leaf)
+            return leaf.requires_grad_(True), norms
+        return self.bank.rows(rows).to(acc).requires_grad_(True), None
+
+    def leaf_is_a_copy(self, centers: torch.Tensor) -> bool:
+        """True when the leaf holds copies of the rows (not the bank's own tensor)."""
+        return centers.data_ptr() != self.bank.weight.data_ptr()
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
         pending, labels_global = self.start_gather(x, labels)
         active = self.select(labels_global)            # overlaps the embeddings' all-gather
-        centers = self.active_centers(active.rows)                                          # (A, D)
+        centers, norms = self.gather_active_centers(active.rows, out=self._spare_rows)     # (A, D), (A,)
+        # a copy of the rows becomes its own gradient (one (A, D) tensor, not two); the bank's own
+        # tensor gets the recycled buffer
+        copy = self.leaf_is_a_copy(centers)
+        grad_buffer = centers.detach() if copy else self._spare_rows
         x_global = pending.wait()                                                           # (Bg, D)
         stats: dict = {}
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
                                    chunk_size=self.cfg.chunk_size,
                                    cache_bytes=self.cfg.logit_cache_bytes, compute_dtype=self.compute_dtype,
-                                   stats=stats, errors=self.errors, center_grad_buffer=self._spare_grad)
-        self._spare_grad = None
+                                   stats=stats, errors=self.errors, center_grad_buffer=grad_buffer,
+                                   center_norms=norms)
+        self._spare_rows = None
         self._pending.append((active.rows, centers))
+        self._values_overwritten = copy
         self.last_active = active
         return HeadOutput(loss, {"active_classes": torch.tensor(float(active.num_active))})
 
@@ -151,8 +180,10 @@ class ParametricHead(Head):
     @torch.no_grad()
     def step(self, lr: float, grad_scale: float = 1.0) -> None:
         rows, grad = self._merged()
-        # one forward since the last step: its leaf holds the active rows as stored (nothing wrote them since)
-        values = self._pending[0][1].detach() if len(self._pending) == 1 and rows is not None else None
+        # one forward since the last step: its leaf holds the active rows as stored (nothing wrote them
+        # since), unless the softmax wrote their gradient over them
+        values = (self._pending[0][1].detach() if len(self._pending) == 1 and rows is not None
+                  and not self._values_overwritten else None)
         self._pending.clear()
         if grad is None:
             return
@@ -161,8 +192,8 @@ class ParametricHead(Head):
         opt = self.cfg.optimizer
         self.bank.sgd_step(rows, grad, lr=lr, momentum=opt.momentum, weight_decay=opt.weight_decay,
                            update=opt.update, values=values)
-        # consumed: the next forward writes its center gradient here instead of allocating one
-        self._spare_grad = grad
+        # consumed: the next forward writes its rows or its center gradient here instead of allocating
+        self._spare_rows = grad
 
     def skip_step(self) -> None:
         self._pending.clear()
