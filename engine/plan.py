@@ -80,10 +80,14 @@ def head_bytes(p: PlanInput) -> dict:
         # one float32 draw per class, its copy with a spare slot, the positives mask
         out["head_sampling"] = 0 if every_row else 9 * c_r
         # active rows (the leaf) and their gradient (formed in forward, handed to the leaf in backward):
-        # float32, or bfloat16 in the lean mode (bfloat16 storage); with every row active the leaf is
-        # the bank's own tensor and only the gradient is extra
+        # float32, or bfloat16 in the lean mode (bfloat16 storage). full / partial: one tensor, the
+        # bank's own with every row active (the gradient is the extra one), else the copy of the rows
+        # that the gradient replaces chunk by chunk (plus one chunk's float32 U beside it when the
+        # GEMMs are float32); mutual keeps its leaf and gradient apart
         leaf = 2 if p.storage_dtype == "bfloat16" else 4
-        out["head_active_rows_and_grads"] = (1 if every_row else 2) * active * d * leaf
+        out["head_active_rows_and_grads"] = (2 if p.head == "mutual" else 1) * active * d * leaf
+        if p.head != "mutual" and not every_row and p.storage_dtype != "bfloat16" and p.compute_dtype == "float32":
+            out["head_active_rows_and_grads"] += min(p.chunk_size, active) * d * 4
         # the optimizer step works in blocks of rows (dense mode: of every row, each block once)
         out["head_update_workspace"] = update_workspace_bytes(
             c_r if p.update == "dense" else active, d, DTYPES[p.storage_dtype], DTYPES[p.momentum_dtype])

@@ -398,7 +398,8 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
                         else torch.empty(inp.centers.shape, dtype=grad_dtype, device=device))
         in_place = reusable and a > 0 and grad_centers.data_ptr() == inp.centers.data_ptr()
         # a chunk's U is formed beside its rows, which the radial term still reads
-        u_chunk = x.new_empty((min(a, chunk_size), x.shape[1]), dtype=acc) if in_place else None
+        u_chunk = (x.new_empty((min(a, chunk_size), x.shape[1]), dtype=acc)
+                   if in_place and grad_dtype == acc == compute_dtype else None)
     for i in reversed(range(len(chunks))):
         lo, hi = chunks[i]
         if i in kept:
