@@ -10,8 +10,9 @@ loader, cached under ~/.cache/torch_extensions like DeepSpeed's own CPU ops).
   centers' gradient, one pass per row instead of a product, a sum and a multiply-add over (c, D);
 - `scale_columns_` and `exp_rows_`: the softmax's pass 1 over a (Bg, c) chunk, scale by s / |w_j| with
   the range of the result (the clamp test), then row max, exp(logit - max) in place (times a column
-  factor, pass 2's 1 / |w_j|, so pass 2 need not go over the chunk for it) and row sum with each row in L1 (the vector exp is SLEEF's, the one torch's own exp calls), where PyTorch makes two
-  and four passes over the chunk.
+  factor, pass 2's 1 / |w_j|, so pass 2 need not go over the chunk for it) and row sum, with each row
+  in L1 (the vector exp is SLEEF's, the one torch's own exp calls), where PyTorch makes two and four
+  passes over the chunk.
 
 Each has the PyTorch expression it replaces beside it (used on other devices and dtypes, when the
 build is not possible, or with SHARDFACE_CPU_KERNELS=0); the tests check the two agree. Arithmetic
@@ -267,7 +268,8 @@ def _usable(*tensors: torch.Tensor) -> bool:
 def gather_rows_(source: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
     """out (A, D) = source[index (A,)], returning the rows' L2 norms (A,) from the same pass; None where
     the kernel does not apply (nothing written: the caller gathers and measures with PyTorch)."""
-    if not _usable(source, out) or index.device.type != "cpu" or out.shape != (index.numel(), source.shape[1]):
+    if (not _usable(source, out) or index.device.type != "cpu" or index.dtype != torch.long
+            or source.dim() != 2 or out.shape != (index.numel(), source.shape[1])):
         return None
     norms = out.new_empty(index.numel())
     _module().gather_rows_(source, index.contiguous(), out, norms)

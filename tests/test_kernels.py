@@ -90,6 +90,7 @@ def test_gather_rows_copies_the_rows_and_measures_them(dtype, dim):
     with pytest.raises(RuntimeError, match="row 23 out of range"):
         kernels.gather_rows_(source, torch.tensor([1, 23]), torch.empty(2, dim, dtype=dtype))
     assert kernels.gather_rows_(source, index, torch.empty(7, dim, dtype=torch.bfloat16)) is None
+    assert kernels.gather_rows_(source, index.int(), torch.empty(7, dim, dtype=dtype)) is None
 
 
 @switched_off
