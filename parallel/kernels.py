@@ -322,7 +322,7 @@ def exp_rows_(logits: torch.Tensor, shift: torch.Tensor, given_shift: bool,
 def project_out_rows_(u: torch.Tensor, w: torch.Tensor, inv: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """out_j = u_j - w_j * inv_j^2 * (w_j . u_j) for every row j; `out` defaults to u (in place) and may
-    also be w (the rows are overwritten by their gradient); returns out."""
+    also be w (the rows are overwritten by their gradient) or a third tensor; returns out."""
     out = u if out is None else out
     if _usable(u, w, inv, out):
         _module().project_out_rows_(u, w, inv, out)

@@ -436,13 +436,11 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         else:
             u = (gi.t() @ x_r).to(acc)
         u.index_add_(0, col.squeeze(1), x_hat * sparse[:, None])            # rows without a target add 0
-        w_acc = w.to(acc)
-        if w_acc.data_ptr() == grad_centers[lo:hi].data_ptr():
-            project_out_rows_(u, w_acc, inv, out=w_acc)                     # the rows become their gradient
+        if grad_centers.dtype == acc:
+            # straight into the gradient: over the rows themselves, over U, or into the separate buffer
+            project_out_rows_(u, w.to(acc), inv, out=grad_centers[lo:hi])
         else:
-            project_out_rows_(u, w_acc, inv)
-            if u.data_ptr() != grad_centers[lo:hi].data_ptr():
-                grad_centers[lo:hi] = u
+            grad_centers[lo:hi] = project_out_rows_(u, w.to(acc), inv)
     grad_row = None
     if with_row_centers:
         p_row = torch.exp(target_logit - global_max) * inv_sum

@@ -68,7 +68,6 @@ class ParametricHead(Head):
         # the last step's (A, D) center gradient: the next forward's rows (or, when the leaf is the bank's
         # own tensor, its gradient) are written into it instead of a fresh shard-sized allocation
         self._spare_rows: torch.Tensor | None = None
-        self._values_overwritten = False   # the last forward's leaf holds its gradient, not the rows
 
     # -- the strategy ------------------------------------------------------------------------
     def select(self, labels_global: torch.Tensor) -> ActiveSet:
@@ -132,8 +131,7 @@ class ParametricHead(Head):
         centers, norms = self.gather_active_centers(active.rows, out=self._spare_rows)     # (A, D), (A,)
         # a copy of the rows becomes its own gradient (one (A, D) tensor, not two); the bank's own
         # tensor gets the recycled buffer
-        copy = self.leaf_is_a_copy(centers)
-        grad_buffer = centers.detach() if copy else self._spare_rows
+        grad_buffer = centers.detach() if self.leaf_is_a_copy(centers) else self._spare_rows
         x_global = pending.wait()                                                           # (Bg, D)
         stats: dict = {}
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
@@ -143,7 +141,6 @@ class ParametricHead(Head):
                                    center_norms=norms)
         self._spare_rows = None
         self._pending.append((active.rows, centers))
-        self._values_overwritten = copy
         self.last_active = active
         return HeadOutput(loss, {"active_classes": torch.tensor(float(active.num_active))})
 
@@ -182,8 +179,11 @@ class ParametricHead(Head):
         rows, grad = self._merged()
         # one forward since the last step: its leaf holds the active rows as stored (nothing wrote them
         # since), unless the softmax wrote their gradient over them
-        values = (self._pending[0][1].detach() if len(self._pending) == 1 and rows is not None
-                  and not self._values_overwritten else None)
+        values = None
+        if len(self._pending) == 1 and rows is not None:
+            leaf = self._pending[0][1]
+            if leaf.grad.data_ptr() != leaf.data_ptr():
+                values = leaf.detach()
         self._pending.clear()
         if grad is None:
             return
