@@ -12,7 +12,9 @@ loader, cached under ~/.cache/torch_extensions like DeepSpeed's own CPU ops).
   the range of the result (the clamp test), then row max, exp(logit - max) in place (times a column
   factor, pass 2's 1 / |w_j|, so pass 2 need not go over the chunk for it) and row sum, with each row
   in L1 (the vector exp is SLEEF's, the one torch's own exp calls), where PyTorch makes two and four
-  passes over the chunk.
+  passes over the chunk;
+- `select_rows_`: Partial FC's choice of active rows in one ascending pass (sequential selection
+  sampling over the uniform draws already made), where PyTorch ranks them with top-k and sorts.
 
 Each has the PyTorch expression it replaces beside it (used on other devices and dtypes, when the
 build is not possible, or with SHARDFACE_CPU_KERNELS=0); the tests check the two agree. Arithmetic
@@ -237,6 +239,34 @@ void project_out_rows_(torch::Tensor u, torch::Tensor w, torch::Tensor inv, torc
                            out.data_ptr<scalar_t>(), u.size(0), u.size(1));
   });
 }
+// Partial FC's selection in one ascending pass (sequential selection sampling): the rows marked >= 2
+// (positives, hard negatives) are taken, and each other row i, whose priority p_i is its own uniform
+// draw in [0, 1), is taken with probability needed / remaining, so the k - forced negatives are a
+// uniform sample without replacement and come out sorted. An empty result when more than k are marked.
+torch::Tensor select_rows_(torch::Tensor priority, int64_t k) {
+  TORCH_CHECK(priority.is_contiguous() && priority.dim() == 1 && priority.scalar_type() == torch::kFloat,
+              "select_rows_: priority must be a contiguous float32 vector");
+  const float* p = priority.data_ptr<float>();
+  const int64_t n = priority.numel();
+  int64_t forced = 0;
+  for (int64_t i = 0; i < n; ++i) forced += p[i] >= 2.0f;
+  if (forced > k || k > n) return torch::empty({0}, priority.options().dtype(torch::kLong));
+  auto rows = torch::empty({k}, priority.options().dtype(torch::kLong));
+  int64_t* out = rows.data_ptr<int64_t>();
+  int64_t needed = k - forced, remaining = n - forced, taken = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] >= 2.0f) {
+      out[taken++] = i;
+    } else {
+      if (static_cast<double>(p[i]) * static_cast<double>(remaining) < static_cast<double>(needed)) {
+        out[taken++] = i;
+        --needed;
+      }
+      --remaining;
+    }
+  }
+  return rows;
+}
 """
 
 
@@ -250,7 +280,8 @@ def _module():
     try:
         from torch.utils.cpp_extension import load_inline
         return load_inline(name="shardface_cpu_kernels", cpp_sources=_SOURCE,
-                           functions=["gather_rows_", "sgd_rows_", "project_out_rows_", "scale_columns_", "exp_rows_"],
+                           functions=["gather_rows_", "sgd_rows_", "project_out_rows_", "scale_columns_", "exp_rows_",
+                                      "select_rows_"],
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp-simd"], verbose=False)
     except Exception as e:  # noqa: BLE001 - any build problem means the PyTorch path
         warnings.warn(f"shardface CPU kernels could not be built ({type(e).__name__}: {e}); using the PyTorch "
@@ -287,6 +318,16 @@ def sgd_rows_(weight: torch.Tensor, momentum: torch.Tensor, index: torch.Tensor,
     _module().sgd_rows_(weight, momentum, index.contiguous(), grad, values, float(lr), float(momentum_factor),
                         float(weight_decay))
     return True
+
+
+def select_rows_(priority: torch.Tensor, k: int) -> torch.Tensor | None:
+    """Sorted (k,) rows of `priority (C_r,)`: every row marked >= 2 and a uniform sample without
+    replacement of the others (whose priority is their uniform draw in [0, 1)); None where the kernel
+    does not apply or more than k rows are marked (the caller ranks with top-k)."""
+    if priority.device.type != "cpu" or priority.dtype != torch.float32 or _module() is None:
+        return None
+    rows = _module().select_rows_(priority.contiguous(), int(k))
+    return rows if rows.numel() == k else None
 
 
 def scale_columns_(logits: torch.Tensor, col_scale: torch.Tensor) -> tuple[float, float] | None:

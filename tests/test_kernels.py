@@ -149,3 +149,22 @@ def test_every_row_step_of_the_bank_matches_torch_sgd():
     opt.step()
     torch.testing.assert_close(bank.weight, param.detach(), rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(bank.momentum, opt.state[param]["momentum_buffer"], rtol=1e-14, atol=1e-15)
+
+
+@switched_off
+def test_select_rows_takes_the_marked_rows_and_exactly_k_sorted():
+    g = torch.Generator().manual_seed(4)
+    priority = torch.rand(1001, generator=g)
+    marked = torch.tensor([0, 7, 500, 1000])
+    priority[marked] = torch.tensor([3.0, 2.0, 3.0, 2.0])
+    for k in (4, 5, 333, 1000, 1001):
+        rows = kernels.select_rows_(priority, k)
+        assert rows.dtype == torch.int64 and rows.numel() == k
+        assert torch.equal(rows, rows.unique())                 # sorted, no repeats
+        assert bool(torch.isin(marked, rows).all())
+        assert int(rows.min()) >= 0 and int(rows.max()) < 1001
+    assert torch.equal(kernels.select_rows_(priority, 1001), torch.arange(1001))
+    assert kernels.select_rows_(priority, 3) is None            # more marked than k: the caller ranks them
+    assert kernels.select_rows_(priority.double(), 10) is None  # not float32: the PyTorch path
+    # the same draws give the same rows
+    assert torch.equal(kernels.select_rows_(priority, 333), kernels.select_rows_(priority.clone(), 333))

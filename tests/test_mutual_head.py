@@ -6,6 +6,7 @@ import pytest
 import torch
 from reference_softmax import dense_margin_softmax
 
+from parallel import kernels
 from parallel.groups import ParallelState
 from parallel.heads import HeadConfig, build_head
 from parallel.heads.config import MarginConfig, MutualConfig, OptimizerConfig
@@ -73,6 +74,21 @@ def f32(v):
     return float(torch.tensor(v, dtype=torch.float32))
 
 
+def random_fill(candidates, rand, start, m):
+    """The m random negatives Partial FC draws from `candidates` (ascending ids) with one uniform draw
+    `rand[j - start]` per class: with the CPU kernels, one ascending pass taking each candidate with
+    probability (still needed) / (still unseen); otherwise the m largest draws."""
+    if kernels._module() is None:
+        return sorted(candidates, key=lambda j: -float(rand[j - start]))[:m]
+    taken, needed, remaining = [], m, len(candidates)
+    for j in candidates:
+        if float(rand[j - start]) * remaining < needed:
+            taken.append(j)
+            needed -= 1
+        remaining -= 1
+    return taken
+
+
 def simulate(case, world, seed):
     """The MutualFace rules, one process, plain loops; returns the same per-step records (global)."""
     c = MutualConfig(**case)
@@ -98,15 +114,13 @@ def simulate(case, world, seed):
             hard = sorted(best, key=lambda q: (best[q], q))[:cap]
             k = min(max(n, len(pos)), count)
             rand = torch.rand(count, generator=gens[r])
-            rest = sorted((j for j in range(start, start + count) if j not in pos and j not in hard),
-                          key=lambda j: -float(rand[j - start]))
-            active = sorted(pos + hard + rest[:k - len(pos) - len(hard)])
+            rest = [j for j in range(start, start + count) if j not in pos and j not in hard]
+            active = sorted(pos + hard + random_fill(rest, rand, start, k - len(pos) - len(hard)))
             center_view = None
             if c.interaction == "dual":
                 rand2 = torch.rand(count, generator=gens[r])
-                rest2 = sorted((j for j in range(start, start + count) if j not in pos),
-                               key=lambda j: -float(rand2[j - start]))
-                center_view = sorted(pos + rest2[:k - len(pos)])
+                rest2 = [j for j in range(start, start + count) if j not in pos]
+                center_view = sorted(pos + random_fill(rest2, rand2, start, k - len(pos)))
             ranks.append(dict(active=active, hard=sorted(hard), positives=pos, center_view=center_view))
         # metrics of the step (before its updates): queue fill, hard share, mean cosines of (row, column) pairs
         xn = X / X.norm(dim=1, keepdim=True)

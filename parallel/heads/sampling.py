@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from parallel.host_sync import host_reads_are_cheap
+from parallel.kernels import select_rows_
 from parallel.sharding import ClassShard
 
 
@@ -41,10 +42,13 @@ def sample_rows(labels_global: torch.Tensor, shard: ClassShard, num_sample: int,
     until `num_sample` rows are active (positives only if they already reach it).
 
     `forced (K,)` optional local rows that must be active after the positives (hard negatives);
-    random rows fill the rest. Uses one uniform draw per local class and top-k, so the negatives
-    are a uniform sample without replacement. No host read when `num_sample` covers the most
-    positives a batch can hold (min(Bg, C_r): the usual case, e.g. 50,000 sampled rows for a
-    global batch of 256); otherwise the number of positives decides the size and is read.
+    random rows fill the rest. Uses one uniform draw per local class, then either one ascending pass
+    that takes each unmarked row with probability (still needed) / (still unseen) (the CPU kernel)
+    or top-k of the draws; either way the negatives are a uniform sample without replacement (the
+    two paths pick different ones from the same seed, each reproducibly). No host read when
+    `num_sample` covers the most positives a batch can hold (min(Bg, C_r): the usual case, e.g.
+    50,000 sampled rows for a global batch of 256); otherwise the number of positives decides the
+    size and is read.
     """
     local, local_id = local_targets(labels_global, shard)
     count = shard.count
@@ -63,7 +67,9 @@ def sample_rows(labels_global: torch.Tensor, shard: ClassShard, num_sample: int,
         if not host_reads_are_cheap(labels_global.device):
             warn_sampling_reads(num_sample, labels_global.numel())
         k = min(max(num_sample, int(num_positive)), count)
-    rows = torch.topk(priority, k, sorted=False).indices.sort().values
+    rows = select_rows_(priority, k)
+    if rows is None:
+        rows = torch.topk(priority, k, sorted=False).indices.sort().values
     target_col = torch.searchsorted(rows, local_id.clamp(0, max(count - 1, 0)))
     target_col = torch.where(local, target_col, torch.full_like(target_col, -1))
     return ActiveSet(rows, target_col, k, num_positive)
