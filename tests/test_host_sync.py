@@ -44,31 +44,40 @@ def test_detector_catches_reads():
         torch.unique(t)
 
 
+# DCQ: a queue of 3 global batches, filled over the first steps (so its columns grow, then wrap)
+EXTRA = {"dcq-sharded": dict(queue_size=20, layout="sharded"), "dcq-replicated": dict(queue_size=20, layout="replicated")}
+
+
 def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
     torch.manual_seed(0)
-    cfg = HeadConfig(type=kind, sample_rate=rate, chunk_size=5, logit_cache_mib=0, seed=1,
-                     margin=MarginConfig(m1=1.0, m2=0.3, m3=0.1, scale=16.0, interclass_filter=0.4))
+    margin = MarginConfig(m1=1.0, m2=0.3, m3=0.1, scale=16.0, interclass_filter=0.4)
+    if kind in EXTRA:   # memory heads take their margin from head.extra
+        cfg = HeadConfig(type=kind.split("-")[0], chunk_size=5, logit_cache_mib=0, seed=1,
+                         extra=dict(EXTRA[kind], margin=margin))
+    else:
+        cfg = HeadConfig(type=kind, sample_rate=rate, chunk_size=5, logit_cache_mib=0, seed=1, margin=margin)
     head = build_head(cfg, state, classes, dim)
     out = []
     gen = torch.Generator().manual_seed(7 + state.rank)
     for step in range(steps):
         x = torch.randn(batch, dim, generator=gen, requires_grad=True)
         labels = labels_fn(step, state.rank, gen)
+        extra = {key: torch.randn(batch, dim, generator=gen) for key in getattr(head, "needs", ())}
         try:
             if watch:
                 with NoHostReads():
-                    loss = head(x, labels).loss
+                    loss = head(x, labels, extra).loss
                     loss.backward()
                     head.step(lr=0.1)
             else:
-                loss = head(x, labels).loss
+                loss = head(x, labels, extra).loss
                 loss.backward()
                 head.step(lr=0.1)
         except ValueError as e:
             out.append(("error", str(e)))
             break
         out.append((loss.detach(), x.grad.clone()))
-    out.append(head.bank.weight.clone())
+    out.append(head.keys.clone() if kind.startswith("dcq") else head.bank.weight.clone())
     return out
 
 
@@ -87,25 +96,27 @@ def labels_with_one_bad(step, rank, gen):
     return y
 
 
-def run_head(state, kind, rate, reads, labels_fn=random_labels):
+def run_head(state, kind, rate, reads, labels_fn=random_labels, steps=3):
     with host_reads(reads):
-        return head_step(state, kind, rate, labels_fn, CLASSES, DIM, BATCH, steps=3, watch=not reads)
+        return head_step(state, kind, rate, labels_fn, CLASSES, DIM, BATCH, steps=steps, watch=not reads)
 
 
-@pytest.mark.parametrize("kind,rate", [("full", 1.0), ("partial", 0.4)])
-def test_head_step_makes_no_host_read_and_matches_the_cpu_path(spawn_ranks, kind, rate):
-    watched = spawn_ranks(run_head, 2, args=(kind, rate, False))
-    plain = spawn_ranks(run_head, 2, args=(kind, rate, True))
+@pytest.mark.parametrize("kind,rate,steps", [("full", 1.0, 3), ("partial", 0.4, 3), ("dcq-sharded", 1.0, 5),
+                                             ("dcq-replicated", 1.0, 5)])
+def test_head_step_makes_no_host_read_and_matches_the_cpu_path(spawn_ranks, kind, rate, steps):
+    watched = spawn_ranks(run_head, 2, args=(kind, rate, False, random_labels, steps))
+    plain = spawn_ranks(run_head, 2, args=(kind, rate, True, random_labels, steps))
     for w, p in zip(watched, plain):
-        assert len(w) == 4 and all(not isinstance(step[0], str) for step in w[:-1]), w
+        assert len(w) == steps + 1 and all(not isinstance(step[0], str) for step in w[:-1]), w
         for (lw, gw), (lp, gp) in zip(w[:-1], p[:-1]):
             torch.testing.assert_close(lw, lp, rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(gw, gp, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(w[-1], p[-1], rtol=1e-6, atol=1e-7)
 
 
-def test_bad_label_is_reported_at_the_next_step_and_left_out_of_the_loss(spawn_ranks):
-    results = spawn_ranks(run_head, 2, args=("full", 1.0, False, labels_with_one_bad))
+@pytest.mark.parametrize("kind", ["full", "dcq-sharded"])
+def test_bad_label_is_reported_at_the_next_step_and_left_out_of_the_loss(spawn_ranks, kind):
+    results = spawn_ranks(run_head, 2, args=(kind, 1.0, False, labels_with_one_bad))
     for r, res in enumerate(results):
         assert res[2][0] == "error", res[2]  # step 2 raises the error of step 1, no read in step 1 itself
         if r == 1:

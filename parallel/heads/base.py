@@ -22,6 +22,32 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
+
+
+def check_labels(labels: torch.Tensor, num_classes: int, rank: int | None, errors: DeferredErrors | None = None,
+                 rows_per_rank: int | None = None) -> None:
+    """Raises ValueError naming the first label outside [0, num_classes) and its position: at once, or
+    through `errors` where host reads are not cheap (parallel/host_sync.py; the head leaves such a
+    row out of the loss). `labels` is rank `rank`'s batch, or with `rows_per_rank` the global batch
+    (every rank's batch in rank order; then every rank raises the same error at the same step)."""
+    bad = (labels < 0) | (labels >= num_classes)
+
+    def describe(details):
+        pos, label = int(details[0]), int(details[1])
+        where = (f"position {pos} of rank {rank}'s batch" if rows_per_rank is None
+                 else f"position {pos % rows_per_rank} of rank {pos // rows_per_rank}'s batch")
+        return ValueError(f"label {label} at {where} is outside [0, {num_classes})")
+
+    if errors is None or host_reads_are_cheap(labels.device):
+        if bool(bad.any()):
+            pos = int(bad.nonzero()[0, 0])
+            raise describe([pos, int(labels[pos])])
+        return
+    found, pos = first_true(bad)
+    errors.report(found, torch.cat([pos.view(1), labels.index_select(0, pos.view(1)) if labels.numel() else pos.view(1)]),
+                  describe)
+
 
 @dataclass
 class HeadOutput:

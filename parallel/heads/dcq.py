@@ -23,6 +23,10 @@ Layouts (`head.extra.layout`):
   the official code does); rank r uses the slots of its 1/W slice as its columns, so the math is the
   same and only memory and traffic differ.
 
+The ring fills from slot 0, so the filled slots are always the first `filled` (a count kept on the
+host): a step reads nothing from the device to find its columns (parallel/host_sync.py), and a label
+out of range found on an accelerator is reported at the next step, its row left out of the loss.
+
 K must be a multiple of Bg (checked at the first step). Memory: K/W (or K) keys of D plus int64
 label and FIFO position per slot; nothing depends on the number of classes C.
 
@@ -40,9 +44,10 @@ import torch
 
 from parallel.collectives import all_gather_rows, all_reduce_, gather_batch
 from parallel.groups import ParallelState
-from parallel.heads.base import HeadOutput
+from parallel.heads.base import HeadOutput, check_labels
 from parallel.heads.config import DcqConfig, HeadConfig
 from parallel.heads.memory import MemoryHead
+from parallel.host_sync import DeferredErrors
 from parallel.sharding import ClassShard
 from parallel.softmax import margin_softmax_loss
 
@@ -66,24 +71,24 @@ class DcqHead(MemoryHead):
         self.register_buffer("labels", torch.full((slots,), -1, dtype=torch.long, device=self.device))
         self.register_buffer("positions", torch.full((slots,), -1, dtype=torch.long, device=self.device))
         self.pointer = 0            # next slot to write in this rank's ring
+        self.filled = 0             # slots [0, filled) hold keys (the ring fills from slot 0)
         self.next_position = 0      # global FIFO position of the next key enqueued (same on every rank)
+        self.errors = DeferredErrors()   # input errors found on an accelerator, raised a step later
 
     # -- columns -----------------------------------------------------------------------------
     def columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's softmax columns: queued keys (A, D) and their labels (A,), empty slots left out."""
-        keys, labels = self.keys, self.labels
+        """This rank's softmax columns: queued keys (A, D) and their labels (A,), empty slots left out
+        (views of the ring, sized from the host's count)."""
+        lo, hi = 0, self.filled
         if self.layout == "replicated":
             lo, count = ClassShard(self.slots, self.world, self.rank).span
-            keys, labels = keys[lo:lo + count], labels[lo:lo + count]
-        filled = labels >= 0
-        if bool(filled.all()):
-            return keys, labels
-        index = filled.nonzero().flatten()
-        return keys.index_select(0, index), labels.index_select(0, index)
+            hi = max(lo, min(lo + count, self.filled))
+        return self.keys[lo:hi], self.labels[lo:hi]
 
     # -- the step ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None):
-        labels = self.check_inputs(x, labels)
+        self.errors.raise_ready()
+        labels = self.check_inputs(x, labels, check_range=False)
         b = x.shape[0]
         bg = b * self.world
         if self.queue_size % bg:
@@ -92,16 +97,20 @@ class DcqHead(MemoryHead):
         keys = self.batch_tensor(batch, "keys", b)                                       # (B, D)
         x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
         labels_global = all_gather_rows(labels, self.group)                               # (Bg,)
+        check_labels(labels_global, self.num_classes, None, self.errors, rows_per_rank=b)
         home = torch.zeros(bg, dtype=torch.bool, device=x.device)
         home[self.rank * b:(self.rank + 1) * b] = True
         row_keys = torch.zeros(bg, self.embedding_size, dtype=self.acc_dtype, device=x.device)  # (Bg, D)
-        row_keys[home] = keys.to(self.acc_dtype)
+        row_keys[self.rank * b:(self.rank + 1) * b] = keys.to(self.acc_dtype)
+        # rows whose label is out of range (reported at the next step where that check is deferred)
+        valid = ((labels_global >= 0) & (labels_global < self.num_classes)).to(self.acc_dtype)
         centers, column_labels = self.columns()
         loss = margin_softmax_loss(x_global, centers.to(self.acc_dtype), torch.full_like(labels_global, -1),
                                    margin=self.margin, group=self.group, chunk_size=self.cfg.chunk_size,
                                    cache_bytes=self.cfg.logit_cache_bytes,
                                    compute_dtype=self.compute_dtype, row_centers=row_keys, row_center_mask=home,
-                                   column_labels=column_labels, row_labels=labels_global)
+                                   column_labels=column_labels, row_labels=labels_global, valid=valid,
+                                   errors=self.errors)
         self._pending.append((keys, labels))
         self.active_columns = centers.shape[0] + 1
         filled = all_reduce_(torch.tensor([float(column_labels.numel())], device=x.device), self.group)
@@ -125,6 +134,7 @@ class DcqHead(MemoryHead):
         self.labels[slots] = labels.to(self.labels.device)
         self.positions[slots] = first + torch.arange(n, device=self.keys.device)
         self.pointer = (self.pointer + n) % self.slots
+        self.filled = min(self.filled + n, self.slots)
         self.next_position += bg
 
     # -- checkpoint ------------------------------------------------------------------------------
@@ -159,7 +169,10 @@ class DcqHead(MemoryHead):
         positions, keys, labels = (state[k][order] for k in ("positions", "keys", "labels"))
         own = (state.get("world_size") == self.world and state.get("rank") == self.rank
                and state.get("layout") == self.layout)
-        if own and "slots" in state and (self.layout == "sharded" or self.world == 1):
+        n = positions.numel()
+        if (own and "slots" in state and (self.layout == "sharded" or self.world == 1)
+                and (n == self.slots or torch.equal(state["slots"].sort().values, torch.arange(n)))):
+            # the ring as it was (same column order); otherwise the keys are refilled from slot 0
             slots = state["slots"][order].to(device=self.keys.device, dtype=torch.long)
             self.keys.zero_()
             self.labels.fill_(-1)
@@ -168,6 +181,7 @@ class DcqHead(MemoryHead):
             self.labels[slots] = labels.to(self.labels)
             self.positions[slots] = positions.to(self.positions)
             self.pointer = int(state["pointer"])
+            self.filled = n
             self.next_position = int(state["next_position"])
             return
         if own:
@@ -192,4 +206,5 @@ class DcqHead(MemoryHead):
         self.labels[:n] = labels[take].to(self.labels)
         self.positions[:n] = positions[take].to(self.positions)
         self.pointer = n % self.slots
+        self.filled = n
         self.next_position = int(state["next_position"])

@@ -19,7 +19,7 @@ import torch
 
 from parallel.bank import DTYPES
 from parallel.groups import ParallelState
-from parallel.heads.base import Head
+from parallel.heads.base import Head, check_labels
 from parallel.heads.config import HeadConfig
 from parallel.margins import Margin
 
@@ -62,18 +62,16 @@ class MemoryHead(Head):
     def evaluate_with_ema(self) -> bool:
         return self.options.eval_network == "ema"
 
-    def check_inputs(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Validates shapes and label range; returns the labels as int64 on x's device."""
+    def check_inputs(self, x: torch.Tensor, labels: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Validates shapes and (unless the head checks the gathered labels itself) the label range;
+        returns the labels as int64 on x's device."""
         if x.dim() != 2 or x.shape[1] != self.embedding_size:
             raise ValueError(f"embeddings must be (B, {self.embedding_size}), got {tuple(x.shape)}")
         if labels.shape != (x.shape[0],):
             raise ValueError(f"labels must be ({x.shape[0]},), got {tuple(labels.shape)}")
         labels = labels.to(device=x.device, dtype=torch.long)
-        bad = (labels < 0) | (labels >= self.num_classes)
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise ValueError(f"label {int(labels[pos])} at position {pos} of rank {self.state.rank}'s batch is "
-                             f"outside [0, {self.num_classes})")
+        if check_range:
+            check_labels(labels, self.num_classes, self.state.rank)
         return labels
 
     def batch_tensor(self, batch: dict | None, key: str, rows: int) -> torch.Tensor:

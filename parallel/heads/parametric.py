@@ -8,34 +8,14 @@ import torch
 from parallel.bank import DTYPES, CenterBank
 from parallel.collectives import PendingGather, all_gather_rows, gather_batch_async
 from parallel.groups import ParallelState
-from parallel.heads.base import Head, HeadOutput
+from parallel.heads.base import Head, HeadOutput, check_labels
 from parallel.heads.config import HeadConfig
 from parallel.heads.sampling import ActiveSet, all_rows, sample_rows
-from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
+from parallel.host_sync import DeferredErrors
 from parallel.kernels import gather_rows_
 from parallel.margins import Margin
 from parallel.sharding import ClassShard
 from parallel.softmax import margin_softmax_loss
-
-
-def check_labels(labels: torch.Tensor, num_classes: int, rank: int, errors: DeferredErrors | None = None) -> None:
-    """Raises ValueError naming the first label outside [0, num_classes) and its position: at once, or
-    through `errors` where host reads are not cheap (parallel/host_sync.py; such a row has no target
-    on any rank, so the softmax leaves it out of the loss)."""
-    bad = (labels < 0) | (labels >= num_classes)
-
-    def describe(details):
-        pos, label = int(details[0]), int(details[1])
-        return ValueError(f"label {label} at position {pos} of rank {rank}'s batch is outside [0, {num_classes})")
-
-    if errors is None or host_reads_are_cheap(labels.device):
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise describe([pos, int(labels[pos])])
-        return
-    found, pos = first_true(bad)
-    errors.report(found, torch.cat([pos.view(1), labels.index_select(0, pos.view(1)) if labels.numel() else pos.view(1)]),
-                  describe)
 
 
 class ParametricHead(Head):
