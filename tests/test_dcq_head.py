@@ -172,3 +172,17 @@ def test_dcq_defaults_are_the_official_hyper_parameters():
     assert (cfg.queue_size, cfg.momentum, cfg.margin.m3, cfg.margin.scale, cfg.margin.m2) == (8192, 0.999, 0.3, 50.0, 0.0)
     head = build_head(HeadConfig(type="dcq"), ParallelState.single("cpu"), 10, 4)
     assert head.needs == ("keys",) and head.evaluate_with_ema and head.ema_momentum == 0.999
+
+
+def test_a_ring_state_with_gaps_is_refilled_from_slot_zero():
+    """Columns are the ring's first `filled` slots: an own state whose keys sit elsewhere is
+    compacted on load (FIFO order), and the columns are exactly its keys."""
+    head = build_head(dcq_config(8, "sharded"), ParallelState.single("cpu"), 100, 4)
+    keys = torch.nn.functional.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
+    state = {"kind": "dcq_queue", "queue_size": 8, "next_position": 9, "layout": "sharded", "world_size": 1,
+             "rank": 0, "positions": torch.tensor([7, 5, 6]), "keys": keys, "labels": torch.tensor([30, 10, 20]),
+             "slots": torch.tensor([6, 1, 4]), "pointer": 7}
+    head.load_sharded_state(state)
+    centers, labels = head.columns()
+    assert labels.tolist() == [10, 20, 30] and head.filled == 3 and head.pointer == 3
+    torch.testing.assert_close(centers, keys[[1, 2, 0]].to(centers.dtype), rtol=0, atol=0)

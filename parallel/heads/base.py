@@ -26,11 +26,12 @@ from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, rank: int | None, errors: DeferredErrors | None = None,
-                 rows_per_rank: int | None = None) -> None:
+                 rows_per_rank: int | None = None) -> torch.Tensor:
     """Raises ValueError naming the first label outside [0, num_classes) and its position: at once, or
     through `errors` where host reads are not cheap (parallel/host_sync.py; the head leaves such a
     row out of the loss). `labels` is rank `rank`'s batch, or with `rows_per_rank` the global batch
-    (every rank's batch in rank order; then every rank raises the same error at the same step)."""
+    (every rank's batch in rank order; then every rank raises the same error at the same step).
+    Returns the mask of labels out of range (all False unless the error is deferred)."""
     bad = (labels < 0) | (labels >= num_classes)
 
     def describe(details):
@@ -43,10 +44,11 @@ def check_labels(labels: torch.Tensor, num_classes: int, rank: int | None, error
         if bool(bad.any()):
             pos = int(bad.nonzero()[0, 0])
             raise describe([pos, int(labels[pos])])
-        return
+        return bad
     found, pos = first_true(bad)
     errors.report(found, torch.cat([pos.view(1), labels.index_select(0, pos.view(1)) if labels.numel() else pos.view(1)]),
                   describe)
+    return bad
 
 
 @dataclass

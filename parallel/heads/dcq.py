@@ -97,13 +97,13 @@ class DcqHead(MemoryHead):
         keys = self.batch_tensor(batch, "keys", b)                                       # (B, D)
         x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
         labels_global = all_gather_rows(labels, self.group)                               # (Bg,)
-        check_labels(labels_global, self.num_classes, None, self.errors, rows_per_rank=b)
+        # rows whose label is out of range are left out of the loss (reported at the next step where
+        # the check is deferred)
+        valid = (~check_labels(labels_global, self.num_classes, None, self.errors, rows_per_rank=b)).to(self.acc_dtype)
         home = torch.zeros(bg, dtype=torch.bool, device=x.device)
         home[self.rank * b:(self.rank + 1) * b] = True
         row_keys = torch.zeros(bg, self.embedding_size, dtype=self.acc_dtype, device=x.device)  # (Bg, D)
         row_keys[self.rank * b:(self.rank + 1) * b] = keys.to(self.acc_dtype)
-        # rows whose label is out of range (reported at the next step where that check is deferred)
-        valid = ((labels_global >= 0) & (labels_global < self.num_classes)).to(self.acc_dtype)
         centers, column_labels = self.columns()
         loss = margin_softmax_loss(x_global, centers.to(self.acc_dtype), torch.full_like(labels_global, -1),
                                    margin=self.margin, group=self.group, chunk_size=self.cfg.chunk_size,
