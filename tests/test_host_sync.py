@@ -46,6 +46,12 @@ def test_detector_catches_reads():
 
 # DCQ: a queue of 3 global batches, filled over the first steps (so its columns grow, then wrap)
 EXTRA = {"dcq-sharded": dict(queue_size=20, layout="sharded"), "dcq-replicated": dict(queue_size=20, layout="replicated")}
+# MutualFace: queues filled at the first step and used from the second (hard negatives, capped by the room
+# the positives leave), every interaction and both queue updates
+MUTUAL = {"mutual-refresh": dict(queue_size=4, top_h=2, hard_share=0.5, update="score", decay=0.8,
+                                 interaction="refresh", refresh_alpha=0.3),
+          "mutual-pull": dict(queue_size=3, top_h=2, hard_share=0.75, update="fifo", interaction="pull"),
+          "mutual-dual": dict(queue_size=3, top_h=1, hard_share=0.5, update="score", interaction="dual")}
 
 
 def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
@@ -55,7 +61,8 @@ def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
         cfg = HeadConfig(type=kind.split("-")[0], chunk_size=5, logit_cache_mib=0, seed=1,
                          extra=dict(EXTRA[kind], margin=margin))
     else:
-        cfg = HeadConfig(type=kind, sample_rate=rate, chunk_size=5, logit_cache_mib=0, seed=1, margin=margin)
+        cfg = HeadConfig(type=kind.split("-")[0], sample_rate=rate, chunk_size=5, logit_cache_mib=0, seed=1,
+                         margin=margin, extra=MUTUAL.get(kind, {}))
     head = build_head(cfg, state, classes, dim)
     out = []
     gen = torch.Generator().manual_seed(7 + state.rank)
@@ -66,17 +73,19 @@ def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
         try:
             if watch:
                 with NoHostReads():
-                    loss = head(x, labels, extra).loss
-                    loss.backward()
+                    res = head(x, labels, extra)
+                    res.loss.backward()
                     head.step(lr=0.1)
             else:
-                loss = head(x, labels, extra).loss
-                loss.backward()
+                res = head(x, labels, extra)
+                res.loss.backward()
                 head.step(lr=0.1)
         except ValueError as e:
             out.append(("error", str(e)))
             break
-        out.append((loss.detach(), x.grad.clone()))
+        out.append((res.loss.detach(), x.grad.clone()))
+        if kind in MUTUAL:
+            out[-1] += (head.hard_queue.clone(), dict(res.stats))
     out.append(head.keys.clone() if kind.startswith("dcq") else head.bank.weight.clone())
     return out
 
@@ -102,26 +111,29 @@ def run_head(state, kind, rate, reads, labels_fn=random_labels, steps=3):
 
 
 @pytest.mark.parametrize("kind,rate,steps", [("full", 1.0, 3), ("partial", 0.4, 3), ("dcq-sharded", 1.0, 5),
-                                             ("dcq-replicated", 1.0, 5)])
+                                             ("dcq-replicated", 1.0, 5), ("mutual-refresh", 0.4, 4),
+                                             ("mutual-pull", 0.4, 4), ("mutual-dual", 0.4, 4)])
 def test_head_step_makes_no_host_read_and_matches_the_cpu_path(spawn_ranks, kind, rate, steps):
     watched = spawn_ranks(run_head, 2, args=(kind, rate, False, random_labels, steps))
     plain = spawn_ranks(run_head, 2, args=(kind, rate, True, random_labels, steps))
     for w, p in zip(watched, plain):
         assert len(w) == steps + 1 and all(not isinstance(step[0], str) for step in w[:-1]), w
-        for (lw, gw), (lp, gp) in zip(w[:-1], p[:-1]):
-            torch.testing.assert_close(lw, lp, rtol=1e-6, atol=1e-7)
-            torch.testing.assert_close(gw, gp, rtol=1e-6, atol=1e-7)
+        for step_w, step_p in zip(w[:-1], p[:-1]):
+            torch.testing.assert_close(step_w[:2], step_p[:2], rtol=1e-6, atol=1e-7)
+            if kind in MUTUAL:   # the queues after the step, and the step's figures
+                assert torch.equal(step_w[2], step_p[2])
+                torch.testing.assert_close(step_w[3], step_p[3], rtol=1e-6, atol=1e-7, equal_nan=True)
         torch.testing.assert_close(w[-1], p[-1], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["full", "dcq-sharded"])
+@pytest.mark.parametrize("kind", ["full", "dcq-sharded", "mutual-refresh"])
 def test_bad_label_is_reported_at_the_next_step_and_left_out_of_the_loss(spawn_ranks, kind):
     results = spawn_ranks(run_head, 2, args=(kind, 1.0, False, labels_with_one_bad))
     for r, res in enumerate(results):
         assert res[2][0] == "error", res[2]  # step 2 raises the error of step 1, no read in step 1 itself
         if r == 1:
             assert f"label {BAD_LABEL} at position 3 of rank 1's batch" in res[2][1]
-        loss, grad = res[1]
+        loss, grad = res[1][:2]
         assert torch.isfinite(loss) and torch.isfinite(grad).all()
     # that row of rank 1 got no gradient; the others did
     assert torch.count_nonzero(results[1][1][1][3]) == 0

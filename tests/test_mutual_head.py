@@ -139,9 +139,7 @@ def simulate(case, world, seed):
             A2 = torch.tensor([j for rk in ranks for j in rk["center_view"]])
             loss2, _, dW2 = dense_margin_softmax(X, Wt[A2], torch.searchsorted(A2, Y), s=SCALE, **MARGIN)
             loss = loss + loss2
-            rows = torch.unique(torch.cat([A1, A2]))
-            grad = torch.zeros(rows.numel(), DIM, dtype=torch.float64)
-            grad[torch.searchsorted(rows, A2)] = dW2
+            rows, grad = A2, dW2    # only the center view has a gradient to the centers, and is stepped
         elif c.interaction == "pull":
             Xv = X.clone().requires_grad_(True)
             Wa = Wt[A1].clone().requires_grad_(True)

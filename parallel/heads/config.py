@@ -63,7 +63,7 @@ class MutualConfig:
     + alpha * mean x^ of class c), alpha = `refresh_alpha`); `pull` (M2: extra loss
     `pull_weight` * mean(1 - cos(x_i, W_yi)), gradient to both); `dual` (M3: CE with centers detached
     on the hard-negative set for the features, CE with features detached on an independent uniform
-    set for the centers).
+    set for the centers; only the center view's rows have a gradient, and only they are stepped).
     """
 
     queue_size: int = 16
