@@ -179,16 +179,21 @@ class CenterBank(nn.Module):
         if update not in ("sparse", "dense"):
             raise ValueError(f"update must be 'sparse' or 'dense', got {update!r}")
         if update == "dense" and index is not None:
-            # every row decays; active rows also get their gradient
-            order = torch.argsort(index)
-            index, grad = index[order], grad[order]
+            # every row decays; active rows also get their gradient, found through the position of
+            # each row in `index` (-1: inactive), so no block asks the host where its rows are
+            device = self.weight.device
+            position = torch.full((self.num_rows,), -1, dtype=torch.long, device=device)
+            position.index_copy_(0, index, torch.arange(index.numel(), device=device))
             block = update_block_rows(self.dim)
             for lo in range(0, self.num_rows, block):
                 hi = min(self.num_rows, lo + block)
-                rows = torch.arange(lo, hi, device=self.weight.device)
-                g = torch.zeros(hi - lo, self.dim, dtype=self.math_dtype, device=self.weight.device)
-                a, b = torch.searchsorted(index, torch.tensor([lo, hi], device=index.device)).tolist()
-                g.index_add_(0, index[a:b] - lo, grad[a:b].to(self.math_dtype))
+                rows = torch.arange(lo, hi, device=device)
+                at = position[lo:hi]
+                if index.numel():
+                    g = grad.index_select(0, at.clamp_min(0)).to(self.math_dtype)
+                    g.masked_fill_((at < 0)[:, None], 0.0)
+                else:
+                    g = torch.zeros(hi - lo, self.dim, dtype=self.math_dtype, device=device)
                 self._update_rows(rows, g, lr, momentum, weight_decay)
             return
         if index is None and self.weight.dtype == self.math_dtype and self.momentum.dtype == self.math_dtype:
