@@ -59,7 +59,7 @@ def merge_queue_rows(old_ids: torch.Tensor, old_key: torch.Tensor, classes: torc
     new_key (R, K): candidates of the row (-1 ids ignored everywhere). Returns ids (R, Q) long and
     keys (R, Q) float64 (EMPTY_SCORE on empty slots): the merged queue of each row's class, the same
     for rows of the same class. Sizes are fixed (sorts of R * (Q + K) entries, no compaction)."""
-    rows, q = old_ids.shape
+    rows = old_ids.shape[0]
     device = old_ids.device
     ids = torch.cat([old_ids, new_ids], 1).reshape(-1)
     key = torch.cat([old_key, new_key], 1).to(torch.float64).reshape(-1)
