@@ -49,6 +49,13 @@ class QueueCandidates:
     x_hat: torch.Tensor     # (R, D) normalized embeddings of those rows (M1 refresh)
 
 
+def run_starts(sorted_values: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: where a run of equal values starts in a sorted (N,) tensor."""
+    starts = torch.ones(sorted_values.shape, dtype=torch.bool, device=sorted_values.device)
+    starts[1:] = sorted_values[1:] != sorted_values[:-1]
+    return starts
+
+
 def merge_queue_rows(old_ids: torch.Tensor, old_key: torch.Tensor, classes: torch.Tensor,
                      new_ids: torch.Tensor, new_key: torch.Tensor, queue_size: int, num_ids: int):
     """Merges candidates into queue rows: per class, distinct ids by best key, the `queue_size` best
@@ -71,9 +78,7 @@ def merge_queue_rows(old_ids: torch.Tensor, old_key: torch.Tensor, classes: torc
     order = torch.argsort(key, descending=True, stable=True)
     order = order[torch.argsort(pair[order], stable=True)]
     pair, key, ids, group = pair[order], key[order], ids[order], group[order]
-    repeat = torch.zeros_like(empty)
-    repeat[1:] = pair[1:] == pair[:-1]
-    key = key.masked_fill(repeat, -math.inf)
+    key = key.masked_fill(~run_starts(pair), -math.inf)
     # per class: key descending, ties to the lower id (ids ascend within a class already)
     order = torch.argsort(key, descending=True, stable=True)
     order = order[torch.argsort(group[order], stable=True)]
@@ -105,10 +110,7 @@ def copy_rows_(dest: torch.Tensor, index: torch.Tensor, values: torch.Tensor, va
 def class_representatives(classes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(R,) bool: the first valid row of each distinct class (a fixed-size sort, no compaction)."""
     order = torch.argsort(classes, stable=True)
-    sorted_classes = classes[order]
-    first = torch.ones_like(valid)
-    first[1:] = sorted_classes[1:] != sorted_classes[:-1]
-    return torch.zeros_like(valid).scatter_(0, order, first) & valid
+    return torch.zeros_like(valid).scatter_(0, order, run_starts(classes[order])) & valid
 
 
 class MutualHead(ParametricHead):
@@ -162,9 +164,7 @@ class MutualHead(ParametricHead):
             return torch.empty(0, dtype=torch.long, device=table.device)
         local, local_id = local_targets(labels_global, self.shard)
         positives = torch.where(local, local_id, torch.full_like(local_id, count)).sort().values   # (Bg,)
-        distinct = torch.ones_like(local)
-        distinct[1:] = positives[1:] != positives[:-1]
-        num_positive = (distinct & (positives < count)).sum()
+        num_positive = (run_starts(positives) & (positives < count)).sum()
         flat = table.reshape(-1)
         row = flat - self.shard.start
         here = (flat >= self.shard.start) & (flat < self.shard.stop)
@@ -174,8 +174,7 @@ class MutualHead(ParametricHead):
         # entries by (row, slot): the first of each row carries its best slot
         order = torch.argsort(row * q + slot)
         row, slot = row[order], slot[order]
-        first = torch.ones_like(here)
-        first[1:] = row[1:] != row[:-1]
+        first = run_starts(row)
         never = (q + 1) * (count + 1)
         key = torch.where(first & (row < count), slot * (count + 1) + row, torch.full_like(row, never))
         best = torch.topk(key, cap, largest=False, sorted=True)
@@ -356,10 +355,7 @@ class MutualHead(ParametricHead):
         local = classes < count
         # rows grouped by class: a fixed-size sort, group g of each row, sums and counts per group
         order = torch.argsort(classes, stable=True)
-        sorted_classes = classes[order]
-        starts = torch.ones_like(local)
-        starts[1:] = sorted_classes[1:] != sorted_classes[:-1]
-        group = torch.empty_like(classes).scatter_(0, order, starts.long().cumsum(0) - 1)
+        group = torch.empty_like(classes).scatter_(0, order, run_starts(classes[order]).long().cumsum(0) - 1)
         sums = torch.zeros(classes.numel(), x_hat.shape[1], dtype=torch.float64, device=x_hat.device)
         sums.index_add_(0, group, x_hat.to(torch.float64))
         sizes = torch.zeros(classes.numel(), dtype=torch.float64, device=x_hat.device)
