@@ -10,6 +10,7 @@ torch.optim.SGD updates every row.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 
@@ -222,6 +223,7 @@ def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype=
 
 
 SWEEP_CLASSES = (100_000, 300_000, 1_000_000, 3_000_000, 10_000_000)
+SWEEP_HEADS = ("full", "partial", "mutual", "dcq", "f2c")
 NAIVE_MAX_CLASSES = 2_000_000   # the naive head runs out of memory near 2.4M classes on 2 x 24 GiB ranks
 
 
@@ -230,20 +232,50 @@ def lean_compute_dtype() -> str:
     return "bfloat16" if cpu_has_native_bfloat16_gemms() else "float32"
 
 
-def sweep(dim=512, batch=128, world=2, sample_rate=0.1, heads=("partial", "mutual"), steps=3, warmup=1,
-          classes=SWEEP_CLASSES, emit=print):
+def fill_steps(head: str, batch: int, world: int) -> int:
+    """Steps until a DCQ queue or an F2C pool is full at its default size, so that the timed steps
+    run at the steady-state width (0 for the heads whose width does not grow). F2C commits one
+    direction's gallery rows per step (W * B/2), nearly all misses at large C; the owners draw those
+    at random, hence a quarter more for the rank that fills last."""
+    from parallel.heads.config import DcqConfig, F2cConfig
+    if head == "dcq":
+        return math.ceil(DcqConfig.queue_size / (batch * world))
+    if head == "f2c":
+        return math.ceil(1.25 * F2cConfig.pool_size / (world * (batch // 2)))
+    return 0
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def sweep(dim=512, batch=128, world=2, sample_rate=0.1, heads=SWEEP_HEADS, steps=3, warmup=1,
+          classes=SWEEP_CLASSES, emit=print, memory_share=0.85):
     """Every head type at every C, float32 and the lean mode (bfloat16 rows, int8 momentum); the naive
-    baseline where it fits."""
+    baseline where it fits. Full FC uses every row (sample rate 1); a configuration whose planned
+    peak over the ranks exceeds `memory_share` of this machine's memory is reported as skipped."""
+    from engine.plan import PlanInput, plan
     records = []
     lean = (lean_compute_dtype(), "bfloat16", "int8")
+    budget = memory_share * physical_memory_bytes()
     for c in classes:
         for head in heads:
+            rate = 1.0 if head == "full" else sample_rate
             for dtype, storage, momentum in (("float32", "float32", "float32"), lean):
-                if c >= 10_000_000 and storage == "float32":
-                    continue  # 10M x 512 float32 rows and momentum exceed 24 GiB on two ranks
-                rec = bench_config(c, dim, batch, world, sample_rate, head=head, dtype=dtype, steps=steps,
-                                   warmup=warmup, storage_dtype=storage, momentum_dtype=momentum,
-                                   naive=(c <= NAIVE_MAX_CLASSES and head == "partial" and storage == "float32"))
+                planned = plan(PlanInput(classes=c, dim=dim, world=world, sample_rate=rate, batch=batch,
+                                         head=head, storage_dtype=storage, compute_dtype=dtype,
+                                         momentum_dtype=momentum)).total
+                if planned * world > budget:
+                    rec = dict(head=head, classes=c, dim=dim, batch=batch, world=world, sample_rate=rate,
+                               dtype=dtype, storage_dtype=storage, momentum_dtype=momentum,
+                               planned_peak_bytes_per_rank=planned,
+                               skipped=f"planned {planned * world / 2**30:.1f} GiB over {world} ranks > "
+                                       f"{memory_share:.0%} of {physical_memory_bytes() / 2**30:.1f} GiB")
+                else:
+                    rec = bench_config(c, dim, batch, world, rate, head=head, dtype=dtype, steps=steps,
+                                       warmup=max(warmup, fill_steps(head, batch, world) + warmup),
+                                       storage_dtype=storage, momentum_dtype=momentum,
+                                       naive=(c <= NAIVE_MAX_CLASSES and head == "partial" and storage == "float32"))
                 records.append(rec)
                 emit(rec)
     return records
@@ -257,6 +289,8 @@ def plot_sweep(records: list[dict], path: str) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     series = {}
     for r in records:
+        if "skipped" in r:
+            continue
         series.setdefault(f"{r['head']} {r['dtype']}/{r['storage_dtype']}", []).append(r)
     for name, rs in series.items():
         rs = sorted(rs, key=lambda r: r["classes"])

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from parallel.bank import DTYPES, update_workspace_bytes
+from parallel.heads.config import DcqConfig, F2cConfig, MutualConfig
 from parallel.softmax import DEFAULT_CACHE_BYTES
 
 BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
@@ -39,9 +40,9 @@ class PlanInput:
     update: str = "sparse"
     chunk_size: int = 8192
     logit_cache_mib: int = DEFAULT_CACHE_BYTES >> 20  # head.logit_cache_mib
-    queue_size: int = 16             # mutual: Q
-    dcq_queue: int = 8192            # dcq: K (global)
-    f2c_pool: int = 16384            # f2c: K slots (global)
+    queue_size: int = MutualConfig.queue_size   # mutual: Q
+    dcq_queue: int = DcqConfig.queue_size       # dcq: K (global)
+    f2c_pool: int = F2cConfig.pool_size         # f2c: K slots (global)
     backbone: str | None = None
     backbone_optimizer: str = "sgd"  # sgd (momentum) | adamw
     zero_stage: int = 0

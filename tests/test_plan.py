@@ -1,7 +1,7 @@
 """The memory planner against measured peaks, and its capacity search."""
 import pytest
 
-from engine.head_bench import bench_config
+from engine.head_bench import SWEEP_HEADS, bench_config, fill_steps, plot_sweep, sweep
 from engine.plan import PlanInput, largest_classes, plan
 
 # planned vs measured peak resident memory per rank, with the allocator returning every large free
@@ -31,3 +31,23 @@ def test_largest_classes_is_the_boundary_of_the_budget():
     c = largest_classes(inputs, budget)
     assert plan(PlanInput(**{**inputs.__dict__, "classes": c})).total <= budget
     assert plan(PlanInput(**{**inputs.__dict__, "classes": int(c * 1.001) + 4})).total > budget
+
+
+def test_sweep_skips_what_the_planner_says_will_not_fit(tmp_path):
+    # a budget below every plan: no rank is started, each configuration is reported with its plan and why
+    records = sweep(classes=(100_000, 10_000_000), heads=SWEEP_HEADS, emit=lambda r: None, memory_share=1e-6)
+    assert len(records) == 2 * len(SWEEP_HEADS) * 2
+    assert all("skipped" in r and r["planned_peak_bytes_per_rank"] > 0 for r in records)
+    assert {r["sample_rate"] for r in records if r["head"] == "full"} == {1.0}
+    big = {(r["head"], r["storage_dtype"]): r["planned_peak_bytes_per_rank"] for r in records if r["classes"] == 10_000_000}
+    assert big[("partial", "bfloat16")] < big[("partial", "float32")] / 2
+    plot_sweep(records, str(tmp_path / "sweep.png"))   # skipped records are not plotted; the plot still forms
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_memory_heads_warm_up_until_their_queue_is_full():
+    from parallel.heads.config import DcqConfig, F2cConfig
+    assert fill_steps("partial", 128, 2) == 0
+    assert fill_steps("dcq", 128, 2) * 256 >= DcqConfig.queue_size
+    # F2C: W * B/2 gallery rows committed per step, with a margin for the unevenly drawn owners
+    assert fill_steps("f2c", 128, 2) * 128 >= 1.2 * F2cConfig.pool_size
