@@ -209,10 +209,13 @@ class CenterBank(nn.Module):
             index = torch.arange(self.num_rows, device=self.weight.device)
         if values is not None and values.shape != grad.shape:
             raise ValueError(f"values {tuple(values.shape)} do not match the gradient {tuple(grad.shape)}")
-        grad = grad.to(self.math_dtype)
         # the fused kernel (one pass over every row) where rows, momentum, gradient and values share the
-        # math dtype; else blocks through PyTorch
-        if sgd_rows_(self.weight, self.momentum, index, grad, values, lr, momentum, weight_decay):
+        # math dtype; else blocks through PyTorch, each converting its own slice of a low-precision
+        # gradient (a whole-gradient conversion would be a transient (A, D) float32 copy: at rho = 1, the
+        # size of the shard)
+        if (self.weight.dtype == self.momentum.dtype == self.math_dtype
+                and sgd_rows_(self.weight, self.momentum, index, grad.to(self.math_dtype), values, lr, momentum,
+                              weight_decay)):
             return
         block = update_block_rows(self.dim)
         # two (block, D) workspaces for every block: d_p then the new rows, and the momentum

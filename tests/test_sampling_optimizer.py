@@ -167,6 +167,26 @@ def test_sparse_step_allocates_no_dense_gradient():
     assert largest < shard_bytes / 16, f"a {largest}-byte allocation in a sparse step (shard {shard_bytes})"
 
 
+@pytest.mark.parametrize("rows", ["all", "most"])
+def test_bfloat16_bank_step_makes_no_float32_copy_of_the_gradient(rows):
+    """A bfloat16 bank's gradient is bfloat16 (the lean mode): the step converts it a block at a time,
+    never as a whole (at rho = 1 that copy is the size of the shard in float32); the result is that of
+    converting it whole."""
+    from torch.profiler import ProfilerActivity, profile
+    count, dim = 60_000, 64
+    banks = [CenterBank(ClassShard(count, 1, 0), dim, dtype=torch.bfloat16, momentum_dtype=torch.bfloat16,
+                        rounding="nearest") for _ in range(2)]
+    index = None if rows == "all" else torch.arange(0, count, 2)
+    n = count if index is None else index.numel()
+    grad = torch.randn(n, dim, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        banks[0].sgd_step(index, grad, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0), default=0)
+    assert largest < n * dim * 4 / 4, f"a {largest}-byte allocation (float32 gradient: {n * dim * 4})"
+    banks[1].sgd_step(index, grad.float(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    assert torch.equal(banks[0].weight, banks[1].weight) and torch.equal(banks[0].momentum, banks[1].momentum)
+
+
 def test_accumulating_micro_batches_equals_one_step_on_the_whole_batch():
     """k micro-batches, each backpropagated, then step(grad_scale=1/k) == one step on the k-times batch."""
     torch.manual_seed(0)
