@@ -59,7 +59,8 @@ def f2c_rank(state, world, seed):
 
 
 class Shard:
-    """One rank's pool as a plain LRU list (least recent first) with two versions per slot."""
+    """One rank's pool as plain Python: an LRU list (least recent first), two versions per slot, and
+    the batch rules of parallel/heads/f2c.py written out one identity at a time."""
 
     def __init__(self, slots):
         self.order, self.slot_of = [], {}
@@ -67,27 +68,42 @@ class Shard:
         self.versions = [[None, None] for _ in range(slots)]
         self.toggle = [0] * slots
         self.refreshed = set()
+        self.repeated = self.dropped = 0     # identities written twice in a batch; left out for want of slots
 
-    def write(self, ident, feature):
-        if ident in self.slot_of:
-            slot = self.slot_of[ident]
-            v = self.toggle[slot]
-            self.versions[slot][v] = feature
-            self.toggle[slot] = 1 - v
-            self.order.remove(ident)
-            self.refreshed.add(slot)
-        else:
-            free = [s for s, i in enumerate(self.identity) if i is None]
-            if free:
-                slot = free[0]
-            else:
-                slot = self.slot_of.pop(self.order.pop(0))
-            self.identity[slot] = ident
-            self.slot_of[ident] = slot
-            self.versions[slot][0] = feature
-            self.toggle[slot] = 1
-            self.refreshed.discard(slot)
-        self.order.append(ident)
+    def write_batch(self, rows):
+        """rows: [(identity, feature)] of this shard, in global batch order."""
+        features, first, last = {}, {}, {}
+        for i, (ident, feature) in enumerate(rows):
+            features.setdefault(ident, []).append(feature)
+            first.setdefault(ident, i)
+            last[ident] = i
+        slots = len(self.identity)
+        kept = sorted(features, key=lambda u: last[u])[-slots:]           # the identities written last
+        self.dropped += len(features) - len(kept)
+        self.repeated += sum(len(f) >= 2 for f in features.values())
+        hits = {u for u in kept if u in self.slot_of}
+        misses = sorted((u for u in kept if u not in hits), key=lambda u: first[u])
+        taken = {self.slot_of[u] for u in hits}
+        free = [s for s in range(slots) if self.identity[s] is None]
+        evictable = [self.slot_of[u] for u in self.order if self.slot_of[u] not in taken]   # LRU first
+        for u, slot in zip(misses, free + evictable):
+            old = self.identity[slot]
+            if old is not None:
+                del self.slot_of[old]
+                self.order.remove(old)
+            self.identity[slot] = u
+            self.slot_of[u] = slot
+        for u in kept:
+            slot = self.slot_of[u]
+            t = self.toggle[slot] if u in hits else 0
+            for j, feature in enumerate(features[u]):
+                self.versions[slot][(t + j) % 2] = feature
+            self.toggle[slot] = (t + len(features[u])) % 2
+            if u in hits or len(features[u]) >= 2:
+                self.refreshed.add(slot)
+            if u in self.order:
+                self.order.remove(u)
+        self.order += sorted(kept, key=lambda u: last[u])
 
 
 def dense_direction(X, Y, probe_rows, shards, num_classes, world, hard):
@@ -142,12 +158,23 @@ def simulate(world, seed):
             shards = copy.deepcopy(committed)                # each direction starts from the committed pool
             for sh in shards:
                 sh.refreshed = set()
-            for row in gallery_rows.tolist():
-                shards[int(owner[row])].write(int(Y[row]), F.normalize(G[row], dim=0))
+            for r, sh in enumerate(shards):
+                sh.write_batch([(int(Y[row]), F.normalize(G[row], dim=0))
+                                for row in gallery_rows.tolist() if int(owner[row]) == r])
             loss = loss + dense_direction(X, Y, probe_rows, shards, num_classes, world, hard)
         loss.backward()
         out.append(dict(loss=loss.detach(), grad_x=X.grad, shards=shards))   # the second direction's pool
     return out
+
+
+def test_f2c_simulated_data_writes_identities_twice_and_overflows_a_shard():
+    """The batches of the test below exercise the batch rules' two less common paths somewhere."""
+    repeated = dropped = 0
+    for world in WORLDS:
+        for step in simulate(world, 70 + world):
+            repeated += sum(sh.repeated for sh in step["shards"])
+            dropped += sum(sh.dropped for sh in step["shards"])
+    assert repeated and dropped
 
 
 def f2c_case(sub, world):
@@ -172,6 +199,7 @@ def test_f2c_matches_dense_simulation_and_pool_state_equals_single_process_lru(p
             torch.testing.assert_close(got["grad_x"], ref["grad_x"][r * n:(r + 1) * n], rtol=1e-9, atol=1e-12)
             shard, st = ref["shards"][r], got["state"]
             assert st["identities"].tolist() == shard.order, f"rank {r} LRU order differs after step {t}"
+            assert st["slots"].tolist() == [shard.slot_of[i] for i in shard.order], f"rank {r} slot layout, step {t}"
             for ident, feats, tog in zip(st["identities"].tolist(), st["features"], st["toggle"].tolist()):
                 slot = shard.slot_of[ident]
                 assert tog == shard.toggle[slot]
@@ -229,7 +257,7 @@ def test_f2c_pool_reslices_by_identity_owner():
     other.world, other.rank = 2, 1
     other.load_sharded_state(F2cHead.merge_states([saved]))
     owned = [i for i in saved["identities"].tolist() if int(class_owner(torch.tensor(i), num_classes, 2)) == 1]
-    assert list(other.lru) == owned[-other.slots:] and owned
+    assert other.sharded_state()["identities"].tolist() == owned[-other.slots:] and owned
 
 
 def test_f2c_rejects_small_pool_odd_rows_and_missing_gallery():

@@ -67,7 +67,9 @@ def test_detector_catches_reads():
 
 
 # DCQ: a queue of 3 global batches, filled over the first steps (so its columns grow, then wrap)
-EXTRA = {"dcq-sharded": dict(queue_size=20, layout="sharded"), "dcq-replicated": dict(queue_size=20, layout="replicated")}
+EXTRA = {"dcq-sharded": dict(queue_size=20, layout="sharded"), "dcq-replicated": dict(queue_size=20, layout="replicated"),
+         # F2C: 5 slots per rank, 3 gallery rows per rank and direction: full after two steps, then evicting
+         "f2c": dict(pool_size=10)}
 # MutualFace: queues filled at the first step and used from the second (hard negatives, capped by the room
 # the positives leave), every interaction and both queue updates
 MUTUAL = {"mutual-refresh": dict(queue_size=4, top_h=2, hard_share=0.5, update="score", decay=0.8,
@@ -89,9 +91,10 @@ def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
     head = build_head(cfg, state, classes, dim)
     out = []
     gen = torch.Generator().manual_seed(7 + state.rank)
+    batch += batch % 2 if kind == "f2c" else 0   # F2C takes cat[x side, y side]: an even row count
     for step in range(steps):
         x = torch.randn(batch, dim, generator=gen, requires_grad=True)
-        labels = labels_fn(step, state.rank, gen)
+        labels = labels_fn(step, state.rank, gen, batch)
         extra = {key: torch.randn(batch, dim, generator=gen) for key in getattr(head, "needs", ())}
         try:
             if watch:
@@ -109,7 +112,8 @@ def head_step(state, kind, rate, labels_fn, classes, dim, batch, steps, watch):
         out.append((res.loss.detach(), x.grad.clone()))
         if kind in MUTUAL:
             out[-1] += (head.hard_queue.clone(), dict(res.stats))
-    out.append(head.keys.clone() if kind.startswith("dcq") else head.bank.weight.clone())
+    out.append(head.keys.clone() if kind.startswith("dcq") else head.pool.clone() if kind == "f2c"
+               else head.bank.weight.clone())
     return out
 
 
@@ -117,12 +121,12 @@ CLASSES, DIM, BATCH = 61, 6, 5  # partial: 12 of ~30 rows per rank, >= the globa
 BAD_LABEL = CLASSES + 4
 
 
-def random_labels(step, rank, gen):
-    return torch.randint(0, CLASSES, (BATCH,), generator=gen)
+def random_labels(step, rank, gen, batch=BATCH):
+    return torch.randint(0, CLASSES, (batch,), generator=gen)
 
 
-def labels_with_one_bad(step, rank, gen):
-    y = random_labels(step, rank, gen)
+def labels_with_one_bad(step, rank, gen, batch=BATCH):
+    y = random_labels(step, rank, gen, batch)
     if step == 1 and rank == 1:
         y[3] = BAD_LABEL
     return y
@@ -135,7 +139,7 @@ def run_head(state, kind, rate, reads, labels_fn=random_labels, steps=3):
 
 @pytest.mark.parametrize("kind,rate,steps", [("full", 1.0, 3), ("partial", 0.4, 3), ("partial-dense", 0.4, 3),
                                              ("dcq-sharded", 1.0, 5),
-                                             ("dcq-replicated", 1.0, 5), ("mutual-refresh", 0.4, 4),
+                                             ("dcq-replicated", 1.0, 5), ("f2c", 1.0, 5), ("mutual-refresh", 0.4, 4),
                                              ("mutual-pull", 0.4, 4), ("mutual-dual", 0.4, 4)])
 def test_head_step_makes_no_host_read_and_matches_the_cpu_path(spawn_ranks, kind, rate, steps):
     watched = spawn_ranks(run_head, 2, args=(kind, rate, False, random_labels, steps))
@@ -150,7 +154,7 @@ def test_head_step_makes_no_host_read_and_matches_the_cpu_path(spawn_ranks, kind
         torch.testing.assert_close(w[-1], p[-1], rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("kind", ["full", "dcq-sharded", "mutual-refresh"])
+@pytest.mark.parametrize("kind", ["full", "dcq-sharded", "f2c", "mutual-refresh"])
 def test_bad_label_is_reported_at_the_next_step_and_left_out_of_the_loss(spawn_ranks, kind):
     results = spawn_ranks(run_head, 2, args=(kind, 1.0, False, labels_with_one_bad))
     for r, res in enumerate(results):

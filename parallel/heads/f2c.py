@@ -10,19 +10,27 @@ y, the instance halves are ordinary samples. The engine concatenates them and pa
     batch["gallery"] (n, D) = G(cat[x_images, y_images])  no gradient
 
 Dynamic class pool: K slots x 2 versions x D over all ranks; identity i lives only on the rank that
-owns class i (`class_owner`, the same ranges as the parametric bank), which keeps about K/W slots
-and its own LRU map identity -> slot. Writing the gallery features of a direction, one gallery row
-at a time in global batch order (rank order, then row), on the owner of the row's identity:
-- miss (identity not in the pool): take a free slot, or evict the least recently used identity;
-  write version 0, the slot's toggle becomes 1;
-- hit: write version `toggle`, flip the toggle, the slot is "refreshed";
-every write makes the identity the most recently used.
+owns class i (`class_owner`, the same ranges as the parametric bank), which keeps about K/W slots,
+each with its identity, a toggle and a recency tick. The gallery rows of a direction are written as
+one batch (the rows of this rank's identities, in global batch order: rank order, then row):
+- each distinct identity u with k rows is a hit if it is in the pool, else a miss; if there are
+  more distinct identities than this rank has slots (S), only the S written last (by last row) are
+  kept, as if the earlier ones had been written and evicted;
+- misses, by first row, take the free slots (lowest first), then the slots of the least recently
+  used identities that this batch does not write (evicted);
+- u's rows write versions t, 1 - t, t, ... in row order (t = the slot's toggle for a hit, 0 for a
+  miss: a miss's first row writes version 0); the toggle becomes (t + k) mod 2 and the slot is
+  "refreshed" if it was a hit or k >= 2; u becomes the most recently used, by its last row.
+This is the order of writing the rows one at a time except that a batch never evicts an identity it
+writes, and it is computed with fixed-size sorts and scatters on the device (no host read, no
+data-dependent shape).
 
 One direction (probes p, gallery g): write g into the pool, then over two views of the pool,
 view 0 = every occupied slot's version 0 and view 1 = version 1 for the slots refreshed in this
 direction, version 0 elsewhere:
 - probes whose identity is in the pool: margin softmax over the occupied slots (s = 32, ArcFace
-  m = 0.5 by default), target = the identity's slot; mean over those probes;
+  m = 0.5 by default), target = the identity's slot; mean over those probes (every slot is a column,
+  the free ones excluded, so the columns' shape does not depend on the data);
 - probes whose identity is not in the pool: outlier loss, the mean over those probes and their h
   highest cosines over the view of max(cos, 0), h = clip(floor(0.0002 K), 3, 10) (fewer if the pool
   holds fewer slots); gradient to the probes only;
@@ -35,41 +43,58 @@ accumulation, when the next micro-batch starts; `skip_step()` drops the last mic
 only). The loss is the sum of both directions. K >= 1.5 * Bg (Bg = gallery rows of one direction over all ranks) is
 required (checked at the first step).
 
-Checkpoint state (`sharded_state`): the occupied slots keyed by identity, `identities (n,)`,
-`features (n, 2, D)`, `toggle (n,)`, `last_used (n,)` (a global recency tick); the tables of all
-ranks concatenated (`merge_states`) load at any world size: each rank keeps the identities it owns,
-the most recently used ones if there are more than its slots, in LRU order.
+Checkpoint state (`sharded_state`): the occupied slots keyed by identity, in LRU order,
+`identities (n,)`, `features (n, 2, D)`, `toggle (n,)`, `last_used (n,)` (a global recency tick); the
+tables of all ranks concatenated (`merge_states`) load at any world size: each rank keeps the
+identities it owns, the most recently used ones if there are more than its slots.
+
+A bad label is found on the gathered batch (on an accelerator reported a step later through
+`errors`, its row left out of the loss and of the pool meanwhile; every rank raises the same error).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from parallel.collectives import all_gather_rows, all_reduce_, gather_batch
 from parallel.groups import ParallelState
-from parallel.heads.base import HeadOutput
+from parallel.heads.base import HeadOutput, check_labels
 from parallel.heads.config import F2cConfig, HeadConfig
 from parallel.heads.memory import MemoryHead
+from parallel.heads.mutual import run_starts
+from parallel.host_sync import DeferredErrors
 from parallel.sharding import ClassShard, class_owner
 from parallel.softmax import margin_softmax_loss
 
-TICK_STRIDE = 1 << 24   # recency tick = commit count * TICK_STRIDE + order within the commit
+TICK_STRIDE = 1 << 24   # recency tick = commit count * TICK_STRIDE + the identity's last row in the commit
+_LAST = torch.iinfo(torch.long).max
 
 
 @dataclass
-class PoolPlan:
-    """The writes of one direction as an overlay on the committed pool (nothing is mutated)."""
+class PoolWrites:
+    """One direction's writes as an overlay on the committed pool (nothing of the pool is mutated):
+    every slot's state after them, and which gallery row writes each (slot, version)."""
 
-    writes: list = field(default_factory=list)        # (gallery row, slot, version) in order
-    touched: OrderedDict = field(default_factory=OrderedDict)   # identity -> slot, by last write
-    evicted: set = field(default_factory=set)          # committed identities pushed out
-    slot_identity: dict = field(default_factory=dict)  # slot -> identity, for (re)assigned slots
-    toggle: dict = field(default_factory=dict)         # slot -> next version to write
-    refreshed: set = field(default_factory=set)        # slots hit in this direction
-    free_used: int = 0                                 # free slots consumed (from the front)
+    identity: torch.Tensor    # (S,) long, -1 for a free slot
+    toggle: torch.Tensor      # (S,) long: the version the slot's next hit writes
+    last_used: torch.Tensor   # (S,) long recency tick
+    refreshed: torch.Tensor   # (S,) bool: view 1 shows version 1
+    write_row: torch.Tensor   # (S, 2) long: the gallery row written into (slot, version), -1 for none
+    gallery: torch.Tensor     # (Bg, D) this direction's gallery rows, L2-normalized
+
+    def version(self, pool: torch.Tensor, v: int) -> torch.Tensor:
+        """(S, D) version v of every slot after the writes, in the pool's dtype."""
+        rows = self.write_row[:, v]
+        written = self.gallery.index_select(0, rows.clamp_min(0)).to(pool.dtype)
+        return torch.where((rows >= 0)[:, None], written, pool[:, v])
+
+
+def _per_run(values: torch.Tensor, run: torch.Tensor, runs: int, reduce: str, fill: int) -> torch.Tensor:
+    """(runs,) `reduce` ("amin", "amax", "sum") of `values (N,)` over each run id `run (N,)`."""
+    out = torch.full((runs,), fill, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, run, values, reduce, include_self=reduce != "sum")
 
 
 class F2cHead(MemoryHead):
@@ -90,88 +115,74 @@ class F2cHead(MemoryHead):
         self.register_buffer("slot_identity", torch.full((self.slots,), -1, dtype=torch.long, device=self.device))
         self.register_buffer("toggle", torch.zeros(self.slots, dtype=torch.long, device=self.device))
         self.register_buffer("last_used", torch.full((self.slots,), -1, dtype=torch.long, device=self.device))
-        self.lru: OrderedDict[int, int] = OrderedDict()   # identity -> slot, least recently used first
-        self.free: list[int] = list(range(self.slots))     # free slots, ascending
         self.commits = 0
+        self.errors = DeferredErrors()   # input errors found on an accelerator, raised a step later
 
     # -- the pool ------------------------------------------------------------------------------
-    def plan(self, identities: list[int]) -> PoolPlan:
-        """Writes of gallery rows with these identities (this rank's, in global order; None for a
-        row owned elsewhere), as an overlay on the committed pool."""
-        p = PoolPlan()
-        toggles = self.toggle.tolist()
-        victims = iter(list(self.lru.items()))
-        for row, ident in enumerate(identities):
-            if ident is None:
-                continue
-            if ident in p.touched:
-                slot, hit = p.touched.pop(ident), True
-            elif ident in self.lru and ident not in p.evicted:
-                slot, hit = self.lru[ident], True
-            else:
-                hit = False
-                if p.free_used < len(self.free):
-                    slot = self.free[p.free_used]
-                    p.free_used += 1
-                else:
-                    slot = None
-                    for old, old_slot in victims:          # least recently used committed identity
-                        if old not in p.touched:
-                            p.evicted.add(old)
-                            slot = old_slot
-                            break
-                    if slot is None:                        # every slot written in this direction already
-                        old, slot = next(iter(p.touched.items()))
-                        del p.touched[old]
-                        if old in self.lru:
-                            p.evicted.add(old)
-                p.refreshed.discard(slot)
-                p.slot_identity[slot] = ident
-            version = p.toggle.get(slot, toggles[slot]) if hit else 0
-            p.toggle[slot] = 1 - version
-            if hit:
-                p.refreshed.add(slot)
-            p.touched[ident] = slot
-            p.writes.append((row, slot, version))
-        return p
+    def plan(self, identities: torch.Tensor, mine: torch.Tensor, gallery: torch.Tensor) -> PoolWrites:
+        """The writes of one direction's gallery rows `gallery (Bg, D)` with `identities (Bg,)`, the rows
+        with `mine (Bg,)` False being another rank's (or left out): the rules of the module docstring."""
+        s, bg, dev = self.slots, identities.numel(), identities.device
+        position = torch.arange(bg, device=dev)
+        # rows by identity (row order within one); another rank's rows sort last, as one run
+        key, order = torch.sort(torch.where(mine, identities, _LAST), stable=True)
+        run = torch.cumsum(run_starts(key), 0) - 1                                        # (Bg,) run of each
+        first_at = _per_run(position, run, bg, "amin", bg)            # per run: its first place in `order`
+        count = _per_run(torch.ones_like(position), run, bg, "sum", 0)
+        ident = _per_run(key, run, bg, "amax", -1)
+        exists = (count > 0) & (ident != _LAST)
+        last_row = order[(first_at + count - 1).clamp(0, max(bg - 1, 0))]                # its last row
+        first_row = order[first_at.clamp(max=max(bg - 1, 0))]
+        # committed slots of the batch's identities
+        by_identity, slot_of_sorted = torch.sort(self.slot_identity)
+        at = torch.searchsorted(by_identity, ident.clamp(max=_LAST - 1)).clamp(max=s - 1)
+        hit = exists & (by_identity[at] == ident)
+        hit_slot = slot_of_sorted[at]
+        # more identities than slots: keep the s written last
+        by_recency = torch.argsort(torch.where(exists, last_row, -1), descending=True, stable=True)
+        recency = torch.empty_like(by_recency).scatter_(0, by_recency, position)
+        kept = exists & (recency < s)
+        kept_hit, kept_miss = kept & hit, kept & ~hit
+        # slots misses may take: free ones (lowest first), then those of identities this batch does not
+        # write, least recently used first
+        spare = torch.full((s + 1,), False, device=dev)
+        written = spare.scatter(0, torch.where(kept_hit, hit_slot, s), True)[:s]
+        slot_index = torch.arange(s, device=dev)
+        priority = torch.where(self.slot_identity < 0, slot_index - (1 << 62),
+                               torch.where(written, torch.full_like(slot_index, 1 << 62), self.last_used))
+        candidates = torch.argsort(priority, stable=True)
+        by_first = torch.argsort(torch.where(kept_miss, first_row, bg), stable=True)
+        miss_rank = torch.empty_like(by_first).scatter_(0, by_first, position)
+        slot = torch.where(kept_hit, hit_slot, candidates[miss_rank.clamp(max=s - 1)])
+        slot = torch.where(kept, slot, s)                                       # s: a scratch entry
+        # versions: rows write t, 1 - t, ...; the last row writes (t + k - 1) mod 2, the one before the other
+        t = torch.where(kept_hit, self.toggle[hit_slot], 0)
+        last_version = (t + count - 1) % 2
+        before_last = order[(first_at + count - 2).clamp(0, max(bg - 1, 0))]
+        write_row = torch.full(((s + 1) * 2,), -1, dtype=torch.long, device=dev)
+        write_row.scatter_(0, slot * 2 + last_version, last_row)
+        write_row.scatter_(0, torch.where(count >= 2, slot, s) * 2 + 1 - last_version, before_last)
 
-    def lookup(self, plan: PoolPlan, ident: int) -> int | None:
-        if ident in plan.touched:
-            return plan.touched[ident]
-        if ident in self.lru and ident not in plan.evicted:
-            return self.lru[ident]
-        return None
+        def after(values: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+            return torch.cat([values, values[:1]]).scatter_(0, slot, new)[:s]
 
-    def views(self, plan: PoolPlan, gallery: torch.Tensor):
-        """(occupied slots (A,), view 0 (A, D), view 1 (A, D)) after the plan's writes; copies only
-        the occupied slots' rows, never the whole pool."""
-        occupied = self.slot_identity >= 0
-        if plan.slot_identity:
-            occupied[list(plan.slot_identity)] = True
-        slots = occupied.nonzero().flatten()                                 # ascending
-        last = {}
-        for row, slot, version in plan.writes:
-            last[(slot, version)] = row
-        view0 = self.pool[slots, 0]                                          # (A, D) copy
-        written0 = [(slot, row) for (slot, version), row in last.items() if version == 0]
-        if written0:
-            pos = torch.searchsorted(slots, torch.tensor([w[0] for w in written0], device=slots.device))
-            view0[pos] = gallery[[w[1] for w in written0]].to(view0.dtype)
-        view1 = view0.clone()
-        if plan.refreshed:
-            refreshed = sorted(plan.refreshed)
-            pos = torch.searchsorted(slots, torch.tensor(refreshed, device=slots.device))
-            view1[pos] = self.pool[refreshed, 1]
-            written1 = [(slot, row) for (slot, version), row in last.items()
-                        if version == 1 and slot in plan.refreshed]
-            if written1:
-                pos = torch.searchsorted(slots, torch.tensor([w[0] for w in written1], device=slots.device))
-                view1[pos] = gallery[[w[1] for w in written1]].to(view1.dtype)
-        return slots, view0, view1
+        return PoolWrites(identity=after(self.slot_identity, ident),
+                          toggle=after(self.toggle, (t + count) % 2),
+                          last_used=after(self.last_used, self.commits * TICK_STRIDE + last_row),
+                          refreshed=after(torch.zeros_like(written), kept_hit | (count >= 2)),
+                          write_row=write_row.view(s + 1, 2)[:s], gallery=gallery)
+
+    def slot_of(self, writes: PoolWrites, identities: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+        """(N,) the slot of each identity after the writes, -1 where it is not in this rank's pool."""
+        by_identity, slot_of_sorted = torch.sort(writes.identity)
+        at = torch.searchsorted(by_identity, identities).clamp(max=self.slots - 1)
+        found = mine & (by_identity[at] == identities)
+        return torch.where(found, slot_of_sorted[at], -1)
 
     # -- the step ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, labels: torch.Tensor, batch: dict | None = None) -> HeadOutput:
-        labels = self.check_inputs(x, labels)
+        self.errors.raise_ready()
+        labels = self.check_inputs(x, labels, check_range=False)
         n = x.shape[0]
         if n % 2:
             raise ValueError(f"the f2c head takes cat[x side, y side] embeddings: an even row count, got {n}")
@@ -187,111 +198,103 @@ class F2cHead(MemoryHead):
             MemoryHead.step(self)
         x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (W n, D)
         labels_global = all_gather_rows(labels, self.group)                               # (W n,)
+        good = ~check_labels(labels_global, self.num_classes, None, self.errors, rows_per_rank=n)
         gallery_global = F.normalize(all_gather_rows(gallery.to(self.acc_dtype).contiguous(), self.group), dim=1)
         base = torch.arange(self.world, device=x.device)[:, None] * n
         side_x = (base + torch.arange(half, device=x.device)[None, :]).flatten()          # (Bg,)
         side_y = side_x + half
-        owner = class_owner(labels_global, self.num_classes, self.world)
-        mine = (owner == self.rank).tolist()
-        ids = labels_global.tolist()
+        ids = labels_global.clamp(0, self.num_classes - 1)
+        mine = good & (class_owner(ids, self.num_classes, self.world) == self.rank)
 
         total = x.new_zeros((), dtype=self.acc_dtype)
         stats = {}
-        plans = []
+        committed = None
         for name, probe, gal in (("xy", side_x, side_y), ("yx", side_y, side_x)):
-            g_rows = gal.tolist()
-            plan = self.plan([ids[r] if mine[r] else None for r in g_rows])
-            plans.append((plan, gallery_global[gal]))
-            loss, parts = self.direction_loss(plan, x_global[probe], labels_global[probe],
-                                              [ids[r] for r in probe.tolist()], [mine[r] for r in probe.tolist()],
-                                              gallery_global[gal])
+            committed = self.plan(ids[gal], mine[gal], gallery_global[gal])
+            loss, parts = self.direction_loss(committed, x_global[probe], ids[probe], mine[probe], good[probe])
             total = total + loss
             stats.update({f"{name}_{k}": v for k, v in parts.items()})
-        self._pending.append(plans[1])                 # x -> y was tentative: only y -> x is committed
+        self._pending.append(committed)                # x -> y was tentative: only y -> x is committed
+        self.active_columns = 2 * self.slots           # two views, each over every slot
         return HeadOutput(total, stats)
 
-    def direction_loss(self, plan: PoolPlan, probes: torch.Tensor, probe_labels: torch.Tensor,
-                       probe_ids: list[int], probe_mine: list[bool], gallery: torch.Tensor):
-        slots, view0, view1 = self.views(plan, gallery)
-        self.active_columns = 2 * slots.numel()       # two views, each over the occupied slots
-        column_of = {int(s): c for c, s in enumerate(slots.tolist())}
-        target = []
-        for ident, own in zip(probe_ids, probe_mine):
-            slot = self.lookup(plan, ident) if own else None
-            target.append(-1 if slot is None else column_of[slot])
-        target_col = torch.tensor(target, dtype=torch.long, device=probes.device)
-        in_pool = all_reduce_((target_col >= 0).to(self.acc_dtype), self.group) > 0       # (Np,)
-        columns = all_reduce_(torch.tensor([float(slots.numel())], device=probes.device), self.group)
-        h = min(self.hard, int(columns.item()))
+    def direction_loss(self, writes: PoolWrites, probes: torch.Tensor, probe_ids: torch.Tensor,
+                       probe_mine: torch.Tensor, probe_good: torch.Tensor):
+        target_col = self.slot_of(writes, probe_ids, probe_mine)                          # (Np,)
+        in_pool = all_reduce_((target_col >= 0).to(self.acc_dtype), self.group) > 0      # (Np,)
+        outlier = probe_good & ~in_pool
+        occupied = writes.identity >= 0                                                  # (S,)
+        columns = all_reduce_(occupied.sum().to(self.acc_dtype), self.group)             # () over all ranks
+        view0 = writes.version(self.pool, 0)
+        view1 = torch.where(writes.refreshed[:, None], writes.version(self.pool, 1), view0)
+        # free slots are columns no row sees: excluded through the softmax's label exclusion (every row
+        # label 0, free columns 0, occupied 1; a row's target is never excluded)
+        column_labels = occupied.long()
+        row_labels = torch.zeros_like(probe_ids)
         loss = probes.new_zeros((), dtype=self.acc_dtype)
         parts = {"in_pool": in_pool.to(torch.float32).mean()}
         for v, view in enumerate((view0, view1)):
             ce = margin_softmax_loss(probes, view.to(self.acc_dtype), target_col, margin=self.margin,
                                      group=self.group, chunk_size=self.cfg.chunk_size,
-                                     cache_bytes=self.cfg.logit_cache_bytes,
-                                     compute_dtype=self.compute_dtype, valid=in_pool)
-            out = self.outlier_loss(probes[~in_pool], view, h)
+                                     cache_bytes=self.cfg.logit_cache_bytes, compute_dtype=self.compute_dtype,
+                                     column_labels=column_labels, row_labels=row_labels,
+                                     valid=in_pool & probe_good, errors=self.errors)
+            out = self.outlier_loss(probes, outlier, view, occupied, columns)
             loss = loss + ce + out
             parts[f"view{v}_softmax"] = ce.detach()
             parts[f"view{v}_outlier"] = out.detach()
         return loss, parts
 
-    def outlier_loss(self, probes: torch.Tensor, view: torch.Tensor, h: int) -> torch.Tensor:
-        """Mean over probes (N, D) and their h highest cosines over all ranks' columns of max(cos, 0).
-        Each rank backpropagates through its own winning columns only; ties go to the lower rank."""
-        n = probes.shape[0]
-        if n == 0 or h == 0:
-            return probes.new_zeros((), dtype=self.acc_dtype).sum()
+    def outlier_loss(self, probes: torch.Tensor, outlier: torch.Tensor, view: torch.Tensor,
+                     occupied: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """Mean over the `outlier (N,)` probes of `probes (N, D)` and their h highest cosines over all
+        ranks' occupied columns of max(cos, 0), h = min(hard, columns). Each rank backpropagates
+        through its own winning columns only; ties go to the lower rank. Fixed shapes: h = hard
+        places per probe, those beyond the occupied columns at -inf (they add 0)."""
+        n, h = probes.shape[0], self.hard
         p_hat = F.normalize(probes.to(self.acc_dtype), dim=1)                              # (N, D)
-        w_hat = F.normalize(view.to(self.acc_dtype), dim=1)                                # (A, D)
+        w_hat = F.normalize(view.to(self.acc_dtype), dim=1)                                # (S, D)
         k = min(h, w_hat.shape[0])
-        with torch.no_grad():                  # find the winners without a (N, A) autograd graph
-            top, top_col = (p_hat @ w_hat.t()).topk(k, dim=1) if k else (p_hat.new_zeros(n, 0),) * 2
-        # the winners' cosines again, differentiable: (N, k) dot products instead of a (N, A) backward
-        top = (p_hat[:, None, :] * w_hat[top_col.long()]).sum(-1) if k else top
-        padded = torch.cat([top.detach(), top.new_full((n, h - k), float("-inf"))], 1)     # (N, h)
-        every = all_gather_rows(padded.t().contiguous(), self.group)                       # (W h, N)
-        every = every.t()                                                                   # (N, W h) rank-major
+        with torch.no_grad():                  # find the winners without a (N, S) autograd graph
+            cos = (p_hat @ w_hat.t()).masked_fill_(~occupied[None, :], float("-inf"))
+            top, top_col = cos.topk(k, dim=1)
+        # the winners' cosines again, differentiable: (N, k) dot products instead of a (N, S) backward
+        cos_top = (p_hat[:, None, :] * w_hat[top_col]).sum(-1)
+        padded = torch.cat([top, top.new_full((n, h - k), float("-inf"))], 1)            # (N, h)
+        every = all_gather_rows(padded.t().contiguous(), self.group).t()                  # (N, W h) rank-major
         order = torch.argsort(every, dim=1, descending=True, stable=True)[:, :h]
         chosen = torch.zeros_like(every, dtype=torch.bool).scatter_(1, order, True)
-        mine = chosen[:, self.rank * h:self.rank * h + k]                                   # (N, k)
-        local = (top.clamp_min(0.0) * mine).sum() / (n * h)
+        counted = chosen[:, self.rank * h:self.rank * h + k] & torch.isfinite(top) & outlier[:, None]
+        h_used = torch.clamp(columns, max=h).clamp_min(1.0)
+        count = (outlier.to(self.acc_dtype).sum().clamp_min(1.0)) * h_used
+        local = torch.where(counted, cos_top.clamp_min(0.0), 0.0).sum() / count
         # the loss every rank holds is the sum over ranks; the gradient of each term stays local
         return local + (all_reduce_(local.detach().clone(), self.group) - local.detach())
 
     @torch.no_grad()
-    def commit(self, item) -> None:
-        plan, gallery = item
-        for old in plan.evicted:
-            slot = self.lru.pop(old)
-            self.slot_identity[slot] = -1
-        self.free = self.free[plan.free_used:]
-        last = {}
-        for row, slot, version in plan.writes:
-            last[(slot, version)] = row
-        if last:
-            idx = torch.tensor(list(last.keys()), dtype=torch.long, device=self.pool.device)
-            rows = torch.tensor(list(last.values()), dtype=torch.long, device=self.pool.device)
-            self.pool[idx[:, 0], idx[:, 1]] = gallery[rows].to(self.pool.dtype)
-        for slot, ident in plan.slot_identity.items():
-            self.slot_identity[slot] = ident
-        for slot, version in plan.toggle.items():
-            self.toggle[slot] = version
-        for order, (ident, slot) in enumerate(plan.touched.items()):
-            self.lru.pop(ident, None)
-            self.lru[ident] = slot
-            self.last_used[slot] = self.commits * TICK_STRIDE + order
+    def commit(self, writes: PoolWrites) -> None:
+        version0, version1 = writes.version(self.pool, 0), writes.version(self.pool, 1)
+        self.pool[:, 0] = version0
+        self.pool[:, 1] = version1
+        self.slot_identity.copy_(writes.identity)
+        self.toggle.copy_(writes.toggle)
+        self.last_used.copy_(writes.last_used)
         self.commits += 1
 
     # -- checkpoint ------------------------------------------------------------------------------
+    def lru_slots(self) -> torch.Tensor:
+        """The occupied slots, least recently used first (a host read: for checkpoints, not the step)."""
+        occupied = (self.slot_identity >= 0).nonzero().flatten()
+        return occupied[torch.argsort(self.last_used[occupied])]
+
     def sharded_state(self) -> dict:
-        slots = torch.tensor(list(self.lru.values()), dtype=torch.long, device=self.pool.device)  # LRU order
+        slots = self.lru_slots()
         return {"kind": "f2c_pool", "pool_size": self.pool_size, "world_size": self.world, "rank": self.rank,
-                "commits": self.commits, "identities": torch.tensor(list(self.lru.keys()), dtype=torch.long),
+                "commits": self.commits, "identities": self.slot_identity[slots].cpu(),
                 "features": self.pool[slots].cpu(), "toggle": self.toggle[slots].cpu(),
                 "last_used": self.last_used[slots].cpu(),
                 # slot layout, so a rank reloading its own state resumes with the same column order
-                "slots": slots.cpu(), "free": torch.tensor(self.free, dtype=torch.long)}
+                "slots": slots.cpu()}
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:
@@ -304,40 +307,24 @@ class F2cHead(MemoryHead):
     @torch.no_grad()
     def load_sharded_state(self, state: dict) -> None:
         """Loads slots keyed by identity (this rank's own state or `merge_states` of any world size):
-        keeps the identities this rank owns, the most recently used ones first, in LRU order."""
+        keeps the identities this rank owns, the most recently used ones if they are more than its slots."""
         if state.get("kind") != "f2c_pool":
             raise ValueError("not an F2C pool state (kind != 'f2c_pool')")
         ids = state["identities"]
         if state.get("world_size") == self.world and state.get("rank") == self.rank and "slots" in state:
-            slots = state["slots"].to(device=self.pool.device, dtype=torch.long)      # LRU order
-            self.pool.zero_()
-            self.slot_identity.fill_(-1)
-            self.toggle.zero_()
-            self.last_used.fill_(-1)
-            self.pool[slots] = state["features"].to(self.pool)
-            self.slot_identity[slots] = ids.to(self.slot_identity)
-            self.toggle[slots] = state["toggle"].to(self.toggle)
-            self.last_used[slots] = state["last_used"].to(self.last_used)
-            self.lru = OrderedDict(zip(ids.tolist(), slots.tolist()))
-            self.free = state["free"].tolist()
-            self.commits = int(state["commits"])
-            return
-        owned = class_owner(ids, self.num_classes, self.world) == self.rank
-        order = torch.argsort(state["last_used"][owned])
-        keep = owned.nonzero().flatten()[order][-self.slots:]                 # LRU first, newest kept
-        m = keep.numel()
+            slots = state["slots"].to(device=self.pool.device, dtype=torch.long)
+            keep = torch.arange(ids.numel())
+        else:
+            owned = class_owner(ids, self.num_classes, self.world) == self.rank
+            order = torch.argsort(state["last_used"][owned])
+            keep = owned.nonzero().flatten()[order][-self.slots:]                 # LRU first, newest kept
+            slots = torch.arange(keep.numel(), device=self.pool.device)
         self.pool.zero_()
         self.slot_identity.fill_(-1)
         self.toggle.zero_()
         self.last_used.fill_(-1)
-        self.pool[:m] = state["features"][keep].to(self.pool)
-        self.slot_identity[:m] = ids[keep].to(self.slot_identity)
-        self.toggle[:m] = state["toggle"][keep].to(self.toggle)
-        self.last_used[:m] = state["last_used"][keep].to(self.last_used)
-        self.lru = OrderedDict((int(i), s) for s, i in enumerate(ids[keep].tolist()))
-        self.free = list(range(m, self.slots))
+        self.pool[slots] = state["features"][keep].to(self.pool)
+        self.slot_identity[slots] = ids[keep].to(self.slot_identity)
+        self.toggle[slots] = state["toggle"][keep].to(self.toggle)
+        self.last_used[slots] = state["last_used"][keep].to(self.last_used)
         self.commits = int(state["commits"])
-
-    def host_state_bytes(self) -> int:
-        """Upper bound of the LRU map and free list: a fixed cost per slot, whatever the classes."""
-        return 96 * self.slots

@@ -110,9 +110,5 @@ class MemoryHead(Head):
         return []
 
     def state_bytes(self) -> int:
-        """Bytes of everything this rank's head keeps between steps (buffers and host-side maps)."""
-        total = sum(b.numel() * b.element_size() for b in self.buffers())
-        return total + self.host_state_bytes()
-
-    def host_state_bytes(self) -> int:
-        return 0
+        """Bytes of everything this rank's head keeps between steps (its buffers: no host-side maps)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
