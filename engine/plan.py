@@ -101,7 +101,10 @@ def head_bytes(p: PlanInput) -> dict:
         chunk = min(p.chunk_size, slots)
     elif p.head == "f2c":
         slots = math.ceil(p.f2c_pool / p.world)
-        out["head_queues"] = slots * (2 * d * 4 + 16)
+        out["head_queues"] = (slots + 1) * 2 * d * BYTES[p.storage_dtype] + 24 * slots   # + a scratch slot
+        # a direction's two views of the pool (every slot, plus the scratch slot) and the float32
+        # normalized view of the outlier search
+        out["head_pool_views"] = 2 * (slots + 1) * d * BYTES[p.storage_dtype] + slots * d * 4
         chunk = min(p.chunk_size, slots)
     else:
         raise ValueError(f"head: {p.head!r} is not one of full, partial, mutual, dcq, f2c")

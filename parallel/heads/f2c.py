@@ -75,20 +75,22 @@ _LAST = torch.iinfo(torch.long).max
 @dataclass
 class PoolWrites:
     """One direction's writes as an overlay on the committed pool (nothing of the pool is mutated):
-    every slot's state after them, and which gallery row writes each (slot, version)."""
+    every slot's state after them, and per distinct identity of the batch (Bg places, the unused ones
+    pointing at the scratch slot S) its slot and the gallery rows that write its two versions."""
 
     identity: torch.Tensor    # (S,) long, -1 for a free slot
     toggle: torch.Tensor      # (S,) long: the version the slot's next hit writes
     last_used: torch.Tensor   # (S,) long recency tick
-    refreshed: torch.Tensor   # (S,) bool: view 1 shows version 1
-    write_row: torch.Tensor   # (S, 2) long: the gallery row written into (slot, version), -1 for none
+    slot: torch.Tensor        # (Bg,) long: the identity's slot, S where none
+    rows: torch.Tensor        # (2, Bg) long: the gallery row written into version 0 / 1 of `slot`, -1 for none
+    refreshed: torch.Tensor   # (Bg,) long: `slot` where view 1 shows version 1, else S
     gallery: torch.Tensor     # (Bg, D) this direction's gallery rows, L2-normalized
 
-    def version(self, pool: torch.Tensor, v: int) -> torch.Tensor:
-        """(S, D) version v of every slot after the writes, in the pool's dtype."""
-        rows = self.write_row[:, v]
-        written = self.gallery.index_select(0, rows.clamp_min(0)).to(pool.dtype)
-        return torch.where((rows >= 0)[:, None], written, pool[:, v])
+    def written(self, v: int, scratch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(destination slots (Bg,), rows (Bg, D)) of version v's writes; no write goes to `scratch`."""
+        rows = self.rows[v]
+        return (torch.where(rows >= 0, self.slot, scratch),
+                self.gallery.index_select(0, rows.clamp_min(0)).to(dtype))
 
 
 def _per_run(values: torch.Tensor, run: torch.Tensor, runs: int, reduce: str, fill: int) -> torch.Tensor:
@@ -111,7 +113,9 @@ class F2cHead(MemoryHead):
             raise ValueError(f"head.extra.pool_size: {self.pool_size} slots cannot be split over {self.world} ranks")
         self.hard = options.hard_count
         d = embedding_size
-        self.register_buffer("pool", torch.zeros(self.slots, 2, d, dtype=self.storage_dtype, device=self.device))
+        # the pool, plus one scratch slot (index S) that the writes of nothing go to
+        self.register_buffer("pool_rows", torch.zeros(self.slots + 1, 2, d, dtype=self.storage_dtype,
+                                                      device=self.device))
         self.register_buffer("slot_identity", torch.full((self.slots,), -1, dtype=torch.long, device=self.device))
         self.register_buffer("toggle", torch.zeros(self.slots, dtype=torch.long, device=self.device))
         self.register_buffer("last_used", torch.full((self.slots,), -1, dtype=torch.long, device=self.device))
@@ -119,6 +123,11 @@ class F2cHead(MemoryHead):
         self.errors = DeferredErrors()   # input errors found on an accelerator, raised a step later
 
     # -- the pool ------------------------------------------------------------------------------
+    @property
+    def pool(self) -> torch.Tensor:
+        """(S, 2, D) every slot's two versions."""
+        return self.pool_rows[:self.slots]
+
     def plan(self, identities: torch.Tensor, mine: torch.Tensor, gallery: torch.Tensor) -> PoolWrites:
         """The writes of one direction's gallery rows `gallery (Bg, D)` with `identities (Bg,)`, the rows
         with `mine (Bg,)` False being another rank's (or left out): the rules of the module docstring."""
@@ -145,11 +154,11 @@ class F2cHead(MemoryHead):
         kept_hit, kept_miss = kept & hit, kept & ~hit
         # slots misses may take: free ones (lowest first), then those of identities this batch does not
         # write, least recently used first
-        spare = torch.full((s + 1,), False, device=dev)
-        written = spare.scatter(0, torch.where(kept_hit, hit_slot, s), True)[:s]
+        taken = torch.zeros(s + 1, dtype=torch.bool, device=dev)
+        taken = taken.scatter_(0, torch.where(kept_hit, hit_slot, s), True)[:s]
         slot_index = torch.arange(s, device=dev)
         priority = torch.where(self.slot_identity < 0, slot_index - (1 << 62),
-                               torch.where(written, torch.full_like(slot_index, 1 << 62), self.last_used))
+                               torch.where(taken, torch.full_like(slot_index, 1 << 62), self.last_used))
         candidates = torch.argsort(priority, stable=True)
         by_first = torch.argsort(torch.where(kept_miss, first_row, bg), stable=True)
         miss_rank = torch.empty_like(by_first).scatter_(0, by_first, position)
@@ -158,10 +167,9 @@ class F2cHead(MemoryHead):
         # versions: rows write t, 1 - t, ...; the last row writes (t + k - 1) mod 2, the one before the other
         t = torch.where(kept_hit, self.toggle[hit_slot], 0)
         last_version = (t + count - 1) % 2
-        before_last = order[(first_at + count - 2).clamp(0, max(bg - 1, 0))]
-        write_row = torch.full(((s + 1) * 2,), -1, dtype=torch.long, device=dev)
-        write_row.scatter_(0, slot * 2 + last_version, last_row)
-        write_row.scatter_(0, torch.where(count >= 2, slot, s) * 2 + 1 - last_version, before_last)
+        before_last = torch.where(count >= 2, order[(first_at + count - 2).clamp(0, max(bg - 1, 0))], -1)
+        rows = torch.stack([torch.where(last_version == 0, last_row, before_last),
+                            torch.where(last_version == 1, last_row, before_last)])
 
         def after(values: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             return torch.cat([values, values[:1]]).scatter_(0, slot, new)[:s]
@@ -169,8 +177,20 @@ class F2cHead(MemoryHead):
         return PoolWrites(identity=after(self.slot_identity, ident),
                           toggle=after(self.toggle, (t + count) % 2),
                           last_used=after(self.last_used, self.commits * TICK_STRIDE + last_row),
-                          refreshed=after(torch.zeros_like(written), kept_hit | (count >= 2)),
-                          write_row=write_row.view(s + 1, 2)[:s], gallery=gallery)
+                          slot=slot, rows=rows, refreshed=torch.where(kept_hit | (count >= 2), slot, s),
+                          gallery=gallery)
+
+    def views(self, writes: PoolWrites) -> tuple[torch.Tensor, torch.Tensor]:
+        """(view 0, view 1), each (S, D) in the storage dtype: every slot's version 0 after the writes,
+        and version 1 where refreshed (version 0 elsewhere)."""
+        s = self.slots
+        view0 = torch.empty_like(self.pool_rows[:, 0]).copy_(self.pool_rows[:, 0])        # (S + 1, D)
+        view0.index_copy_(0, *writes.written(0, s, view0.dtype))
+        view1 = view0.clone()
+        dst, rows = writes.written(1, s, view1.dtype)
+        version1 = torch.where((dst < s)[:, None], rows, self.pool_rows[writes.slot, 1])   # (Bg, D)
+        view1.index_copy_(0, writes.refreshed, version1)
+        return view0[:s], view1[:s]
 
     def slot_of(self, writes: PoolWrites, identities: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
         """(N,) the slot of each identity after the writes, -1 where it is not in this rank's pool."""
@@ -225,8 +245,7 @@ class F2cHead(MemoryHead):
         outlier = probe_good & ~in_pool
         occupied = writes.identity >= 0                                                  # (S,)
         columns = all_reduce_(occupied.sum().to(self.acc_dtype), self.group)             # () over all ranks
-        view0 = writes.version(self.pool, 0)
-        view1 = torch.where(writes.refreshed[:, None], writes.version(self.pool, 1), view0)
+        view0, view1 = self.views(writes)
         # free slots are columns no row sees: excluded through the softmax's label exclusion (every row
         # label 0, free columns 0, occupied 1; a row's target is never excluded)
         column_labels = occupied.long()
@@ -273,9 +292,8 @@ class F2cHead(MemoryHead):
 
     @torch.no_grad()
     def commit(self, writes: PoolWrites) -> None:
-        version0, version1 = writes.version(self.pool, 0), writes.version(self.pool, 1)
-        self.pool[:, 0] = version0
-        self.pool[:, 1] = version1
+        for v in (0, 1):
+            self.pool_rows[:, v].index_copy_(0, *writes.written(v, self.slots, self.pool_rows.dtype))
         self.slot_identity.copy_(writes.identity)
         self.toggle.copy_(writes.toggle)
         self.last_used.copy_(writes.last_used)
@@ -319,7 +337,7 @@ class F2cHead(MemoryHead):
             order = torch.argsort(state["last_used"][owned])
             keep = owned.nonzero().flatten()[order][-self.slots:]                 # LRU first, newest kept
             slots = torch.arange(keep.numel(), device=self.pool.device)
-        self.pool.zero_()
+        self.pool_rows.zero_()
         self.slot_identity.fill_(-1)
         self.toggle.zero_()
         self.last_used.fill_(-1)
