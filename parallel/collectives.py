@@ -128,8 +128,43 @@ class _GatheredBatch(torch.autograd.Function):
         return grad_local, None, None, None
 
 
+class GatheredRows:
+    """x_global (W*B, D) gathered from every rank's x (B, D), for a consumer that forms the gradient of
+    x_global itself, ahead of the backward pass (the fused margin softmax): it starts the
+    reduce-scatter that takes that gradient back to each rank's rows as soon as it has it
+    (`start_scatter`), goes on computing while the transfer is in flight, and its backward awaits
+    it (`wait_scatter`), times `grad_scale` like gather_batch. `value` is detached; the consumer's
+    autograd input is `local`."""
+
+    def __init__(self, local: torch.Tensor, value: torch.Tensor, group, grad_scale: float):
+        self.local, self.value, self.group, self.grad_scale = local, value, group, grad_scale
+        self._out = self._work = None
+
+    def start_scatter(self, grad_global: torch.Tensor) -> None:
+        """Starts reducing `grad_global (W*B, D)` over the ranks to this rank's (B, D) rows."""
+        if group_size(self.group) == 1:
+            self._out = grad_global
+            return
+        grad_global = grad_global.contiguous()
+        _record("reduce_scatter", grad_global)
+        self._out = torch.empty((self.local.shape[0],) + tuple(grad_global.shape[1:]), dtype=grad_global.dtype,
+                                device=grad_global.device)
+        self._work = _reduce_scatter_single(self._out, grad_global, op=dist.ReduceOp.SUM, group=self.group,
+                                            async_op=True)
+
+    def wait_scatter(self) -> torch.Tensor:
+        """This rank's (B, D) gradient, times grad_scale (once per start_scatter)."""
+        if self._out is None:
+            raise RuntimeError("GatheredRows.wait_scatter() without start_scatter()")
+        if self._work is not None:
+            self._work.wait()
+        out, self._out, self._work = self._out, None, None
+        return out * self.grad_scale if self.grad_scale != 1.0 else out
+
+
 class PendingGather:
-    """An all-gather of the batch in flight: `wait()` returns x_global with gather_batch's autograd."""
+    """An all-gather of the batch in flight: `wait()` returns x_global with gather_batch's autograd,
+    `rows()` the GatheredRows of a consumer that reduce-scatters the gradient itself."""
 
     def __init__(self, x: torch.Tensor, group, grad_scale: float):
         self.x, self.group, self.grad_scale = x, group, grad_scale
@@ -146,6 +181,12 @@ class PendingGather:
             return gather_batch(self.x, self.group, self.grad_scale)
         self.work.wait()
         return _GatheredBatch.apply(self.x, self.out, self.group, self.grad_scale)
+
+    def rows(self) -> GatheredRows:
+        if self.work is not None:
+            self.work.wait()
+        value = self.out if self.work is not None else self.x.detach()
+        return GatheredRows(self.x, value, self.group, self.grad_scale)
 
 
 def gather_batch_async(x: torch.Tensor, group, grad_scale: float = 1.0) -> PendingGather:

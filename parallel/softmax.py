@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import all_reduce_
+from parallel.collectives import GatheredRows, all_reduce_
 from parallel.host_sync import DeferredErrors, first_true, host_reads_are_cheap
 from parallel.kernels import exp_rows_, project_out_rows_, scale_columns_
 from parallel.margins import Margin
@@ -91,18 +91,22 @@ class SoftmaxInputs:
 
 
 class _FusedMarginSoftmax(torch.autograd.Function):
-    """Loss forward; the gradients are formed during forward and only scaled in backward."""
+    """Loss forward; the gradients are formed during forward and only scaled in backward. With
+    `scatter` (GatheredRows), the first input is this rank's x (B, D) and the gradient of x_global was
+    reduce-scattered to it during forward."""
 
     @staticmethod
-    def forward(ctx, x_global, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats,
-                top_negatives, cache_bytes, errors, center_grad_buffer):
+    def forward(ctx, x_in, centers, row_centers, inputs, margin, group, chunk_size, compute_dtype, stats,
+                top_negatives, cache_bytes, errors, center_grad_buffer, scatter):
         need_grad = any(ctx.needs_input_grad[:3])
+        ctx.scatter = scatter if ctx.needs_input_grad[0] else None
         loss, grads = fused_margin_softmax(inputs, margin, group, chunk_size, compute_dtype,
                                            need_grad=need_grad, stats=stats, top_negatives=top_negatives,
                                            center_grad=ctx.needs_input_grad[1], cache_bytes=cache_bytes,
-                                           errors=errors, center_grad_buffer=center_grad_buffer)
+                                           errors=errors, center_grad_buffer=center_grad_buffer,
+                                           scatter=ctx.scatter)
         ctx.grads = grads
-        ctx.dtypes = (x_global.dtype, centers.dtype, row_centers.dtype)
+        ctx.dtypes = (x_in.dtype, centers.dtype, row_centers.dtype)
         return loss
 
     @staticmethod
@@ -112,15 +116,17 @@ class _FusedMarginSoftmax(torch.autograd.Function):
         if grads is None:
             raise RuntimeError("margin_softmax_loss: backward ran twice through the same forward; its gradients "
                                "were formed in forward and handed out by the first backward (run the forward again)")
+        if ctx.scatter is not None:
+            grads = (ctx.scatter.wait_scatter(),) + tuple(grads[1:])
         # d loss is 1 when the loss is backpropagated alone: skip a pass over (A, D) where looking is free
         unit = host_reads_are_cheap(grad_loss.device) and bool(grad_loss == 1)
         out = [None if g is None else (g if unit else g.mul_(grad_loss.to(g.dtype))).to(dt)
                for g, dt in zip(grads, ctx.dtypes)]
         del grads
-        return (*out, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None)
 
 
-def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_col: torch.Tensor, *,
+def margin_softmax_loss(x_global: torch.Tensor | GatheredRows, centers: torch.Tensor, target_col: torch.Tensor, *,
                         margin: Margin, group=None, chunk_size: int = 8192,
                         compute_dtype: torch.dtype = torch.float32,
                         row_centers: torch.Tensor | None = None, row_center_mask: torch.Tensor | None = None,
@@ -147,6 +153,11 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
     instead of two; `centers` then holds the gradient after the call. `center_norms (A,)`, optional:
     the centers' L2 norms where the caller has them already (measured while gathering the rows), so
     the centers are not read once more for them.
+
+    `x_global` may be the GatheredRows of a gather of this rank's x (parallel/collectives.py): the loss
+    is then differentiable with respect to that x, and the reduce-scatter of x_global's gradient
+    starts as soon as the gradient is complete, in flight while the centers' gradient is formed (when
+    every chunk's logits are kept: otherwise at the end of the call).
     """
     if cache_bytes < 0:
         raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
@@ -156,6 +167,10 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
         raise ValueError(f"top_negatives must be >= 0, got {top_negatives}")
     if top_negatives and stats is None:
         raise ValueError("top_negatives > 0 needs a stats dict to receive top_negative_cos / top_negative_col")
+    scatter = x_global if isinstance(x_global, GatheredRows) else None
+    x_in = x_global.local if scatter is not None else x_global
+    if scatter is not None:
+        x_global = scatter.value
     warn_if_bfloat16_gemms_are_emulated(compute_dtype, x_global.device.type)
     inputs = SoftmaxInputs(x_global.detach(), centers.detach(), target_col,
                            None if row_centers is None else row_centers.detach(), row_center_mask,
@@ -164,8 +179,9 @@ def margin_softmax_loss(x_global: torch.Tensor, centers: torch.Tensor, target_co
         raise ValueError(f"center_norms must be ({centers.shape[0]},), got {tuple(center_norms.shape)}")
     if row_centers is None:
         row_centers = x_global.new_empty(0)
-    return _FusedMarginSoftmax.apply(x_global, centers, row_centers, inputs, margin, group, chunk_size,
-                                     compute_dtype, stats, top_negatives, cache_bytes, errors, center_grad_buffer)
+    return _FusedMarginSoftmax.apply(x_in, centers, row_centers, inputs, margin, group, chunk_size,
+                                     compute_dtype, stats, top_negatives, cache_bytes, errors, center_grad_buffer,
+                                     scatter)
 
 
 def _top_by_value_then_col(values: torch.Tensor, cols: torch.Tensor, k: int):
@@ -195,8 +211,10 @@ def _chunk_top_negatives(neg_cos: torch.Tensor, lo: int, k: int):
 def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: int,
                          compute_dtype: torch.dtype, need_grad: bool = True, stats: dict | None = None,
                          top_negatives: int = 0, center_grad: bool = True, cache_bytes: int = 0,
-                         errors: DeferredErrors | None = None, center_grad_buffer: torch.Tensor | None = None):
+                         errors: DeferredErrors | None = None, center_grad_buffer: torch.Tensor | None = None,
+                         scatter: GatheredRows | None = None):
     """Returns (loss (), (d x_global (Bg, D), d centers (A, D), d row_centers (Bg, D) or None)).
+    With `scatter`, d x_global is handed to `scatter.start_scatter` instead (None in the result).
 
     The gradients are those of the mean loss on this rank's columns (None if not need_grad; d centers
     None if not center_grad). Where host reads are not cheap (parallel/host_sync.py) the step makes
@@ -400,7 +418,11 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         # a chunk's U is formed beside its rows, which the radial term still reads
         u_chunk = (x.new_empty((min(a, chunk_size), x.shape[1]), dtype=acc)
                    if in_place and grad_dtype == acc == compute_dtype else None)
-    for i in reversed(range(len(chunks))):
+
+    def x_gradient(i):
+        """Chunk i's share of d x_hat, accumulated into grad_x_hat; returns what its centers' gradient
+        needs: gi (Bg, c) in the GEMM dtype, the row factor r (Bg,), the sparse target term (Bg,), the
+        target columns (Bg, 1) and the rows w (c, D) in the GEMM dtype."""
         lo, hi = chunks[i]
         if i in kept:
             exps, target, clamped, filtered, w = kept.pop(i)
@@ -409,9 +431,8 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         else:
             logits, target, clamped, filtered, w, _ = chunk_logits(lo, hi)
             exps = exp_rows_(logits, shifts[i], given_shift=True, col_scale=c_norm_inv[lo:hi])[0]
-        shift = shifts[i]
         in_chunk, col, _, _ = target
-        r = coef * torch.exp(shift - global_max)                           # (Bg,)
+        r = coef * torch.exp(shifts[i] - global_max)                       # (Bg,)
         dpsi_t = torch.where(in_chunk, target_dpsi, torch.ones_like(target_dpsi))
         exps.scatter_(1, col, exps.gather(1, col) * dpsi_t[:, None])
         sparse = torch.where(in_chunk, -s * row_weight * target_dpsi, torch.zeros_like(target_dpsi))
@@ -427,8 +448,14 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         sparse = sparse * inv.gather(0, col.squeeze(1))                     # (Bg,) target term of gi
         w_t = w.index_select(0, col.squeeze(1)).to(acc)                     # (Bg, D) each row's target row
         grad_x_hat.addcmul_(r[:, None], (gi @ w).to(acc)).addcmul_(sparse[:, None], w_t)
-        if not center_grad:
-            continue
+        return gi, r, sparse, col, w
+
+    def center_gradient(i, gi, r, sparse, col, w):
+        """Chunk i's rows of grad_centers (over the rows themselves when in place)."""
+        lo, hi = chunks[i]
+        if w is None:
+            w = inp.centers[lo:hi].to(compute_dtype)
+        inv = c_norm_inv[lo:hi]
         x_r = (x_hat * r[:, None]).to(compute_dtype)                        # (Bg, D)
         if grad_centers.dtype == acc == compute_dtype:
             # (c, D), formed in place (beside the rows when it replaces them)
@@ -441,6 +468,21 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
             project_out_rows_(u, w.to(acc), inv, out=grad_centers[lo:hi])
         else:
             grad_centers[lo:hi] = project_out_rows_(u, w.to(acc), inv)
+
+    # With a reduce-scatter to start and every chunk's logits kept, d x_global is completed over all
+    # chunks first, so the transfer is in flight while the centers' gradient is formed; otherwise one
+    # pass does both for each chunk (a chunk formed again costs its GEMM once, not twice).
+    overlap = scatter is not None and center_grad and len(kept) == len(chunks)
+    done = []
+    for i in reversed(range(len(chunks))):
+        parts = x_gradient(i)
+        if not center_grad:
+            continue
+        if overlap:   # a converted copy of the rows is not kept for later: converting again is cheaper
+            gi, r, sparse, col, w = parts
+            done.append((i, (gi, r, sparse, col, w if w.dtype == inp.centers.dtype else None)))
+        else:
+            center_gradient(i, *parts)
     grad_row = None
     if with_row_centers:
         p_row = torch.exp(target_logit - global_max) * inv_sum
@@ -450,4 +492,9 @@ def fused_margin_softmax(inp: SoftmaxInputs, margin: Margin, group, chunk_size: 
         gr = g_row[:, None] * x_hat                                          # d rc_hat
         grad_row = (gr - rc_hat * (rc_hat * gr).sum(1, keepdim=True)) * rc_norm_inv[:, None]
     grad_x = (grad_x_hat - x_hat * (x_hat * grad_x_hat).sum(1, keepdim=True)) / x_norm[:, None]
+    if scatter is not None:
+        scatter.start_scatter(grad_x)
+        grad_x = None
+    for i, parts in done:
+        center_gradient(i, *parts)
     return loss, (grad_x, grad_centers, grad_row)

@@ -272,3 +272,37 @@ def test_recycled_center_gradient_changes_nothing(kind, rate, storage):
     assert len(set(ptrs[1:])) == 1                # the buffer really is reused
     assert torch.equal(heads[0].bank.weight, heads[1].bank.weight)
     assert torch.equal(heads[0].bank.momentum, heads[1].bank.momentum)
+
+
+@pytest.mark.parametrize("cache_bytes,overlaps", [(1 << 20, True), (0, False)])
+def test_embedding_gradient_scatter_starts_before_the_center_gradient_when_every_chunk_is_kept(cache_bytes,
+                                                                                              overlaps):
+    """Through GatheredRows the softmax hands d x_global to the reduce-scatter as soon as it is complete:
+    before any center gradient is written when every chunk's logits are kept (the transfer overlaps
+    that work), at the end otherwise. Gradients equal the dense float64 reference either way."""
+    from parallel.collectives import GatheredRows
+    from parallel.margins import Margin
+    from parallel.softmax import margin_softmax_loss
+
+    class Spy(GatheredRows):
+        def start_scatter(self, grad_global):
+            self.centers_written_at_start = int(torch.isfinite(buffer).all(dim=1).sum())
+            super().start_scatter(grad_global)
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    rows = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    centers = rows.clone().requires_grad_(True)
+    buffer = torch.full_like(rows, float("nan"))
+    target = torch.tensor([0, 3, 10, 5, 5, 2])
+    gathered = Spy(x, x.detach(), None, 3.0)     # one rank; grad_scale 3 as for 3 data-parallel ranks
+    loss = margin_softmax_loss(gathered, centers, target, margin=Margin(1.0, 0.5, 0.0, 8.0, "exact", 0.0),
+                               compute_dtype=torch.float64, chunk_size=4, cache_bytes=cache_bytes,
+                               center_grad_buffer=buffer)
+    (2.0 * loss).backward()
+    assert gathered.centers_written_at_start == (0 if overlaps else 11)
+    ref_loss, ref_dx, ref_dw = dense_margin_softmax(x.detach(), rows, target, m1=1.0, m2=0.5, m3=0.0, s=8.0,
+                                                    grad="exact", tau=0.0)
+    torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, 6.0 * ref_dx, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(centers.grad, 2.0 * ref_dw, rtol=1e-10, atol=1e-12)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from parallel.collectives import all_gather_rows, all_reduce_, gather_batch
+from parallel.collectives import all_gather_rows, all_reduce_, gather_batch_async
 from parallel.groups import ParallelState
 from parallel.heads.base import HeadOutput, check_labels
 from parallel.heads.config import DcqConfig, HeadConfig
@@ -95,7 +95,9 @@ class DcqHead(MemoryHead):
             raise ValueError(f"head.extra.queue_size: {self.queue_size} must be a multiple of the global batch "
                              f"{bg} ({self.world} ranks x {b})")
         keys = self.batch_tensor(batch, "keys", b)                                       # (B, D)
-        x_global = gather_batch(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
+        # the embeddings' all-gather overlaps the labels' check and the columns; the softmax
+        # reduce-scatters the embeddings' gradient to x itself
+        pending = gather_batch_async(x, self.group, grad_scale=float(self.state.data_world))   # (Bg, D)
         labels_global = all_gather_rows(labels, self.group)                               # (Bg,)
         # rows whose label is out of range are left out of the loss (reported at the next step where
         # the check is deferred)
@@ -105,7 +107,7 @@ class DcqHead(MemoryHead):
         row_keys = torch.zeros(bg, self.embedding_size, dtype=self.acc_dtype, device=x.device)  # (Bg, D)
         row_keys[self.rank * b:(self.rank + 1) * b] = keys.to(self.acc_dtype)
         centers, column_labels = self.columns()
-        loss = margin_softmax_loss(x_global, centers.to(self.acc_dtype), torch.full_like(labels_global, -1),
+        loss = margin_softmax_loss(pending.rows(), centers.to(self.acc_dtype), torch.full_like(labels_global, -1),
                                    margin=self.margin, group=self.group, chunk_size=self.cfg.chunk_size,
                                    cache_bytes=self.cfg.logit_cache_bytes,
                                    compute_dtype=self.compute_dtype, row_centers=row_keys, row_center_mask=home,

@@ -112,7 +112,7 @@ class ParametricHead(Head):
         # a copy of the rows becomes its own gradient (one (A, D) tensor, not two); the bank's own
         # tensor gets the recycled buffer
         grad_buffer = centers.detach() if self.leaf_is_a_copy(centers) else self._spare_rows
-        x_global = pending.wait()                                                           # (Bg, D)
+        x_global = pending.rows()          # (Bg, D); the softmax reduce-scatters its gradient to x itself
         stats: dict = {}
         loss = margin_softmax_loss(x_global, centers, active.target_col, margin=self.margin, group=self.group,
                                    chunk_size=self.cfg.chunk_size,
