@@ -9,6 +9,7 @@ torch.optim.SGD updates every row.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import statistics
@@ -134,6 +135,11 @@ def _bench_rank(state, cfg: dict):
     if active is None:
         active = max(head.num_sample, 1)
     peak_rss = peak_rss_bytes()   # the steps' peak, before the matmul-peak buffers below exist
+    # the step's objects go before those buffers come: both at once do not fit at the largest C (full
+    # head, 3M classes: a 9 GiB head beside 4.6 GB of GEMM operands)
+    head = backbone = opt = backbone_opt = labels = None
+    gc.unfreeze()
+    gc.collect()
     # the matmul peak: one plain GEMM of the step's shape in the same dtype, same process, with every
     # rank multiplying at the same time (as in the step: the ranks share the machine); and each rank
     # alone, the others waiting, for reference
@@ -170,6 +176,13 @@ def _bench_rank(state, cfg: dict):
                 gflops_matmul_peak=mm_peak, gflops_matmul_one_rank_alone=mm_alone)
 
 
+def gemm_flops_per_entry(head: str) -> float:
+    """GEMM flops per (global row, column, dimension) of one head step: 6 = logits, d x and d centers
+    (2 each); DCQ's queued keys take no gradient (4). F2C counts 6 on its 2 x S columns: per direction
+    and view, Bg/2 probes x S slots through logits, d x and the outlier search, 2 x 2 of them."""
+    return 4.0 if head == "dcq" else 6.0
+
+
 def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype="float32", chunk_size=8192,
                  steps=5, warmup=2, seed=0, naive=True, storage_dtype="float32", momentum_dtype="float32",
                  backbone=None, timeout=3600.0, allocator="training") -> dict:
@@ -194,7 +207,7 @@ def bench_config(classes, dim, batch, world, sample_rate, head="partial", dtype=
         head=head, classes=classes, dim=dim, batch=batch, world=world, sample_rate=sample_rate, dtype=dtype,
         storage_dtype=storage_dtype, chunk_size=chunk_size, active_classes_per_rank=active,
         step_seconds_median=step, samples_per_second=bg / step,
-        gflops_achieved=6.0 * bg * dim * active / step / 1e9,
+        gflops_achieved=gemm_flops_per_entry(head) * bg * dim * active / step / 1e9,
         gflops_matmul_peak=statistics.median(r["gflops_matmul_peak"] for r in ours),
         gflops_matmul_one_rank_alone=statistics.median(r["gflops_matmul_one_rank_alone"] for r in ours),
         peak_rss_bytes_per_rank=max(r["peak_rss"] for r in ours),

@@ -38,7 +38,9 @@ def main():
     p.add_argument("--sweep", action="store_true", help="every --classes and --head, fp32 and lean bf16 (bfloat16 rows, "
                                                                  "int8 momentum); skips what the planner says will not fit")
     p.add_argument("--output", help="also append the JSON lines to this file")
-    p.add_argument("--plot", help="with --sweep: write a PNG of time and memory against C")
+    p.add_argument("--plot", help="with --sweep or --replot: write a PNG of time and memory against C")
+    p.add_argument("--replot", metavar="JSONL", help="no run: plot the sweep records of this file (several runs "
+                                                     "appended with --output) into --plot")
     args = p.parse_args()
 
     def emit(record):
@@ -48,6 +50,12 @@ def main():
             with open(args.output, "a") as f:
                 f.write(line + "\n")
 
+    if args.replot:
+        if not args.plot:
+            p.error("--replot needs --plot")
+        with open(args.replot) as f:
+            plot_sweep([json.loads(line) for line in f if line.strip()], args.plot)
+        return
     if args.sweep:
         records = sweep(dim=args.dim, batch=args.batch, world=args.world, sample_rate=args.sample_rate[0],
                         heads=args.head or SWEEP_HEADS, classes=args.classes or SWEEP_CLASSES,
