@@ -304,7 +304,8 @@ def plot_sweep(records: list[dict], path: str) -> None:
     for r in records:
         if "skipped" in r:
             continue
-        series.setdefault(f"{r['head']} {r['dtype']}/{r['storage_dtype']}", []).append(r)
+        rate = f" rho={r['sample_rate']:g}" if r["head"] in ("full", "partial", "mutual") else ""
+        series.setdefault(f"{r['head']}{rate} {r['dtype']}/{r['storage_dtype']}", []).append(r)
     for name, rs in series.items():
         rs = sorted(rs, key=lambda r: r["classes"])
         cs = [r["classes"] for r in rs]
@@ -323,6 +324,8 @@ def plot_sweep(records: list[dict], path: str) -> None:
     ax_t.set_yscale("log")
     ax_m.axhline(12, color="r", lw=0.8, ls=":", label="half of 24 GiB")
     ax_m.legend(fontsize=7)
-    fig.suptitle("Head step vs number of classes (2 gloo ranks, D=512, B=128 per rank, rho=0.1)")
+    first = next((r for r in records if "skipped" not in r), records[0] if records else {})
+    fig.suptitle(f"Head step vs number of classes ({first.get('world', '?')} gloo ranks, D={first.get('dim', '?')}, "
+                 f"B={first.get('batch', '?')} per rank; GEMM dtype / row storage)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
