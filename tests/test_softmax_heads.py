@@ -306,3 +306,23 @@ def test_embedding_gradient_scatter_starts_before_the_center_gradient_when_every
     torch.testing.assert_close(loss.detach(), ref_loss.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(x.grad, 6.0 * ref_dx, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(centers.grad, 2.0 * ref_dw, rtol=1e-10, atol=1e-12)
+
+
+def test_gathered_rows_without_an_embedding_gradient_still_give_the_centers_theirs():
+    """x (B, D) not requiring grad behind GatheredRows: no reduce-scatter starts, backward returns
+    nothing for x and the centers' gradient equals the reference."""
+    from parallel.collectives import GatheredRows
+    from parallel.margins import Margin
+    from parallel.softmax import margin_softmax_loss
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    rows = torch.randn(7, 6, generator=g, dtype=torch.float64)
+    centers = rows.clone().requires_grad_(True)
+    target = torch.tensor([0, 6, 3, 3, 1])
+    loss = margin_softmax_loss(GatheredRows(x, x, None, 1.0), centers, target,
+                               margin=Margin(1.0, 0.0, 0.35, 8.0, "exact", 0.0), compute_dtype=torch.float64,
+                               chunk_size=3)
+    loss.backward()
+    _, _, ref_dw = dense_margin_softmax(x, rows, target, m1=1.0, m2=0.0, m3=0.35, s=8.0, grad="exact", tau=0.0)
+    torch.testing.assert_close(centers.grad, ref_dw, rtol=1e-10, atol=1e-12)
+    assert x.grad is None
