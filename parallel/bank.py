@@ -28,6 +28,7 @@ from parallel.kernels import sgd_rows_
 from parallel.sharding import ClassShard
 
 INIT_BLOCK = 1 << 16    # classes per seeded block of initial rows
+INIT_PIECE_BYTES = 8 << 20  # float32 bytes of the rows drawn at a time within a block
 UPDATE_BLOCK_BYTES = 1 << 20  # float32 bytes of one block's temporary (rows x D) in an optimizer step
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -36,16 +37,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def initial_rows(start: int, count: int, dim: int, std: float, seed: int,
                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Rows of global classes [start, start + count): N(0, std^2), independent of the sharding."""
+    """Rows of global classes [start, start + count): N(0, std^2), independent of the sharding.
+
+    Each block of INIT_BLOCK classes has its own seeded stream, drawn in pieces of a few MB (the same
+    numbers as one draw of the block: CPU normal sampling transforms 16 values at a time and every
+    piece is a multiple of 16 values), up to the last row this shard needs: no block-sized float32
+    buffer, which the training ranks' allocator settings keep resident (docs/PERFORMANCE.md)."""
     out = torch.empty(count, dim, dtype=dtype)
     first_block, last_block = start // INIT_BLOCK, (start + count - 1) // INIT_BLOCK if count else -1
-    rows = torch.empty(INIT_BLOCK, dim, dtype=torch.float32) if count else None  # one buffer for every block
+    piece = min(INIT_BLOCK, 16 * max(1, INIT_PIECE_BYTES // (16 * 4 * max(dim, 1))))       # rows
+    rows = torch.empty(piece, dim, dtype=torch.float32) if count else None   # one buffer for every piece
     for block in range(first_block, last_block + 1):
-        lo, hi = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
         gen = torch.Generator().manual_seed((seed * 1_000_003 + block) % (1 << 63))
-        torch.randn(INIT_BLOCK, dim, generator=gen, out=rows).mul_(std)
-        a, b = max(lo, start), min(hi, start + count)
-        out[a - start:b - start] = rows[a - lo:b - lo].to(dtype)
+        block_lo = block * INIT_BLOCK
+        for lo in range(block_lo, min(block_lo + INIT_BLOCK, start + count), piece):
+            hi = min(lo + piece, block_lo + INIT_BLOCK)
+            drawn = torch.randn(hi - lo, dim, generator=gen, out=rows[:hi - lo]).mul_(std)
+            a, b = max(lo, start), min(hi, start + count)
+            if a < b:
+                out[a - start:b - start] = drawn[a - lo:b - lo].to(dtype)
     return out
 
 

@@ -4,7 +4,6 @@ import torch
 from parallel.collectives import count_comm_bytes
 from parallel.heads import HeadConfig, build_head
 
-
 HEADS = ("full", "partial", "mutual", "dcq", "f2c")
 EXTRA = {"dcq": dict(queue_size=16), "f2c": dict(pool_size=16)}   # queue / pool full from the third step
 

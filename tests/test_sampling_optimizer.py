@@ -88,6 +88,19 @@ def test_initial_rows_differ_per_shard_and_do_not_depend_on_world_size():
     assert not torch.equal(whole[:10], whole[100_000:100_010])
 
 
+@pytest.mark.parametrize("start,count,dim", [(0, 140_000, 4), (70_000, 70_001, 512), (131_000, 3000, 5)])
+def test_initial_rows_drawn_in_pieces_equal_one_draw_of_each_block(start, count, dim):
+    """The rows are drawn a few MB at a time, with the numbers of one draw per seeded block (so a
+    checkpoint-free restart, or another world size, starts from the same rows)."""
+    from parallel.bank import INIT_BLOCK
+    got = initial_rows(start, count, dim, 0.02, seed=11, dtype=torch.bfloat16)
+    blocks = range(start // INIT_BLOCK, (start + count - 1) // INIT_BLOCK + 1)
+    drawn = torch.cat([torch.randn(INIT_BLOCK, dim, generator=torch.Generator().manual_seed(11 * 1_000_003 + b))
+                       for b in blocks]) * 0.02
+    first = blocks[0] * INIT_BLOCK
+    assert torch.equal(got, drawn[start - first:start - first + count].to(torch.bfloat16))
+
+
 def _bank_with_state(seed=0, rows=12, dim=5):
     bank = CenterBank(ClassShard(rows, 1, 0), dim, seed=seed, dtype=torch.float64)
     g = torch.Generator().manual_seed(seed)
