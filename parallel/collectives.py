@@ -182,11 +182,16 @@ class PendingGather:
         self.work.wait()
         return _GatheredBatch.apply(self.x, self.out, self.group, self.grad_scale)
 
+    @property
+    def value(self) -> torch.Tensor:
+        """x_global (W*B, D), detached, once gathered (waits for the transfer)."""
+        if self.work is None:
+            return self.x.detach()
+        self.work.wait()
+        return self.out
+
     def rows(self) -> GatheredRows:
-        if self.work is not None:
-            self.work.wait()
-        value = self.out if self.work is not None else self.x.detach()
-        return GatheredRows(self.x, value, self.group, self.grad_scale)
+        return GatheredRows(self.x, self.value, self.group, self.grad_scale)
 
 
 def gather_batch_async(x: torch.Tensor, group, grad_scale: float = 1.0) -> PendingGather:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import GatheredRows, all_gather_rows, all_reduce_, reduce_to_replicated
+from parallel.collectives import all_gather_rows, all_reduce_, reduce_to_replicated
 from parallel.groups import ParallelState
 from parallel.heads.base import HeadOutput
 from parallel.heads.config import HeadConfig, MutualConfig
@@ -213,11 +213,10 @@ class MutualHead(ParametricHead):
             rows = center_view.rows
             centers = self.active_centers(rows, out=self._spare_rows)
             feature_centers = self.bank.rows(active.rows).to(centers.dtype)
-            gathered = pending.rows()      # the feature view's softmax reduce-scatters its gradient to x
-            x_global = gathered.value
-            loss_x = margin_softmax_loss(gathered, feature_centers, active.target_col,
+            # the feature view's softmax reduce-scatters its gradient to x
+            loss_x = margin_softmax_loss(pending.rows(), feature_centers, active.target_col,
                                          stats=stats, top_negatives=mc.top_h, **softmax)
-            loss_w = margin_softmax_loss(x_global, centers, center_view.target_col, **softmax)
+            loss_w = margin_softmax_loss(pending.value, centers, center_view.target_col, **softmax)
             loss = loss_x + loss_w
             out_stats.update(loss_feature_view=loss_x.detach(), loss_center_view=loss_w.detach())
             feature_view = feature_centers
@@ -236,8 +235,7 @@ class MutualHead(ParametricHead):
         self._spare_rows = None
         self._pending.append((rows, centers))
         self.last_active, self._last_hard = active, hard
-        x_value = x_global.value if isinstance(x_global, GatheredRows) else x_global.detach()
-        x_hat = torch.nn.functional.normalize(x_value.to(centers.dtype), dim=1, eps=1e-12)
+        x_hat = torch.nn.functional.normalize(pending.value.to(centers.dtype), dim=1, eps=1e-12)
         self._route_candidates(labels_global, active.rows, stats, x_hat)
         out_stats.update(self._metrics(active, hard, x_hat, feature_view))
         return HeadOutput(loss, out_stats)
